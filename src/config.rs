@@ -1,0 +1,244 @@
+//! Every knob of branchd, in one place.
+//!
+//! Each field is a command-line flag and a `BRANCHD_*` environment variable
+//! (flags win), with a default that runs a single node on the embedded
+//! SQLite store. The README's configuration table lists every variable; a
+//! test keeps the two in step. This module only parses and resolves: it must
+//! never open files, sockets or databases.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::storage;
+
+/// How log lines are written to standard error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Logging, shared by every subcommand.
+#[derive(Debug, Clone, Args)]
+pub struct LogConfig {
+    /// Log line format.
+    #[arg(long, env = "BRANCHD_LOG_FORMAT", value_enum, default_value = "human", global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `branchd=debug,sqlx=warn`).
+    #[arg(long, env = "BRANCHD_LOG", default_value = "info", global = true)]
+    pub log: String,
+}
+
+/// Where the data lives: used by every subcommand that touches the store.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseConfig {
+    /// Database URL: `sqlite://PATH` or `postgres://USER@HOST/DB`. Falls back
+    /// to `DATABASE_URL`; without either, a SQLite file `branchd.db` in the data dir.
+    #[arg(long, env = "BRANCHD_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Directory for the embedded database and, by default, working copies.
+    #[arg(long, env = "BRANCHD_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Most database connections this node opens.
+    #[arg(long, env = "BRANCHD_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+impl DatabaseConfig {
+    /// The database to use: the flag or `BRANCHD_DATABASE_URL`, then
+    /// `DATABASE_URL`, then the embedded SQLite file.
+    pub fn url(&self) -> String {
+        self.database_url
+            .clone()
+            .filter(|url| !url.is_empty())
+            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| storage::sqlite::default_url(&self.data_dir))
+    }
+}
+
+/// Everything `branchd serve` needs.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address and port of the HTTP and WebSocket server.
+    #[arg(long, env = "BRANCHD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+
+    /// Where working copies are unpacked. Default: `workspaces` in the data dir.
+    #[arg(long, env = "BRANCHD_WORKSPACE_DIR")]
+    pub workspace_dir: Option<PathBuf>,
+
+    /// This node's stable identity; rows it owns carry it. Default: the host name
+    /// (the pod name on Kubernetes).
+    #[arg(long, env = "BRANCHD_SERVER_TAG")]
+    pub server_tag: Option<String>,
+
+    /// Password for the `admin` user created on first start. Default: a
+    /// generated one, printed once.
+    #[arg(long, env = "BRANCHD_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+
+    /// How long a login token stays valid.
+    #[arg(long, env = "BRANCHD_TOKEN_TTL", default_value = "7d", value_parser = parse_duration)]
+    pub token_ttl: Duration,
+
+    /// How often idle workspaces are looked for and collected.
+    #[arg(long, env = "BRANCHD_GC_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    pub gc_interval: Duration,
+
+    /// How long a workspace with no clients stays warm before it is saved and stopped.
+    #[arg(long, env = "BRANCHD_IDLE_GRACE", default_value = "120s", value_parser = parse_duration)]
+    pub idle_grace: Duration,
+
+    /// How often this node renews its heartbeat in the database.
+    #[arg(long, env = "BRANCHD_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// How long a node's claims stay valid after its last heartbeat.
+    #[arg(long, env = "BRANCHD_LEASE", default_value = "5s", value_parser = parse_duration)]
+    pub lease: Duration,
+
+    /// Largest HTTP request body accepted (JSON API).
+    #[arg(long, env = "BRANCHD_MAX_REQUEST_BODY", default_value = "1MiB", value_parser = parse_size)]
+    pub max_request_body: u64,
+
+    /// Largest WebSocket frame accepted.
+    #[arg(long, env = "BRANCHD_MAX_FRAME", default_value = "16MiB", value_parser = parse_size)]
+    pub max_frame: u64,
+
+    /// Largest single file a client may write.
+    #[arg(long, env = "BRANCHD_MAX_FILE", default_value = "8MiB", value_parser = parse_size)]
+    pub max_file: u64,
+
+    /// Largest working copy (unpacked) a snapshot may hold.
+    #[arg(long, env = "BRANCHD_MAX_WORKSPACE", default_value = "1GiB", value_parser = parse_size)]
+    pub max_workspace: u64,
+
+    /// Longest path, in bytes, a client may name.
+    #[arg(long, env = "BRANCHD_MAX_PATH", default_value_t = 1024)]
+    pub max_path: usize,
+
+    /// Snapshot versions kept per branch (older ones are deleted on save).
+    #[arg(long, env = "BRANCHD_SNAPSHOTS_KEPT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub snapshots_kept: u32,
+}
+
+impl Config {
+    /// The configuration `branchd serve` would use with no flags: defaults,
+    /// overridden by any `BRANCHD_*` variables set. A starting point for
+    /// tests and tools that build a server in-process.
+    pub fn from_env() -> Result<Config, clap::Error> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Only {
+            #[command(flatten)]
+            config: Config,
+        }
+        Only::try_parse_from(["branchd"]).map(|only| only.config)
+    }
+
+    /// The directory working copies are unpacked into.
+    pub fn workspace_dir(&self) -> PathBuf {
+        self.workspace_dir
+            .clone()
+            .unwrap_or_else(|| self.database.data_dir.join("workspaces"))
+    }
+
+    /// This node's server tag: configured, or the host name.
+    pub fn server_tag(&self) -> String {
+        self.server_tag
+            .clone()
+            .filter(|tag| !tag.is_empty())
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+}
+
+/// Parses a duration such as `500ms`, `20s`, `2m`, `1h` or `7d`; a bare
+/// number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: write e.g. 500ms, 20s, 2m, 1h or 7d"))?;
+    let millis_per_unit: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {text:?}: use ms, s, m, h or d"
+            ));
+        }
+    };
+    value
+        .checked_mul(millis_per_unit)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {text:?} is too large"))
+}
+
+/// Parses a size such as `512`, `64KiB`, `16MiB` or `1GiB` (K/M/G alone are
+/// binary too); a bare number is bytes.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: write e.g. 512, 64KiB, 16MiB or 1GiB"))?;
+    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" | "kb" => 1 << 10,
+        "m" | "mib" | "mb" => 1 << 20,
+        "g" | "gib" | "gb" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {text:?}: use B, KiB, MiB or GiB"
+            ));
+        }
+    };
+    value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units_and_reject_nonsense() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("20s"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("20"), Ok(Duration::from_secs(20)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_reject_nonsense() {
+        assert_eq!(parse_size("512"), Ok(512));
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("16MiB"), Ok(16 * 1024 * 1024));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+}

@@ -1,0 +1,350 @@
+//! The JSON API's handlers: health, login, users and projects.
+//!
+//! Each handler checks who is calling and what their role allows, then does
+//! one thing through the store. Roles: a viewer reads, an editor also writes
+//! (workspaces), an owner also manages members and deletes. Administrators
+//! act as owners of every project. docs/operations.md documents every route.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+
+use super::auth::{self, AuthUser, UserSpec};
+use super::error::ApiError;
+use super::{ApiJson, ApiPath, AppState};
+use crate::protocol::ErrorCode;
+use crate::storage::{Member, NewSnapshot, Project, Role, User};
+use crate::workspace::{self, repo::GitAuthor};
+
+/// The branch every new project starts with.
+pub const DEFAULT_BRANCH: &str = "main";
+
+#[derive(Serialize)]
+pub struct Status {
+    status: &'static str,
+}
+
+pub async fn healthz() -> Json<Status> {
+    Json(Status { status: "ok" })
+}
+
+/// Ready when the database answers and every migration is applied.
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
+    match state.store.ready().await {
+        Ok(true) => Ok(Json(Status { status: "ready" })),
+        Ok(false) => Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "database migrations are not all applied; run `branchd migrate`",
+        )),
+        Err(err) => {
+            tracing::warn!(error = %err, "readiness check failed");
+            Err(ApiError::new(
+                ErrorCode::Unavailable,
+                "the database is unreachable",
+            ))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+#[derive(Serialize)]
+pub struct LoginResponse {
+    token: String,
+    /// Milliseconds since the Unix epoch.
+    expires_at: i64,
+    user: User,
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    ApiJson(request): ApiJson<LoginRequest>,
+) -> Result<Json<LoginResponse>, ApiError> {
+    let found = state.store.user_by_name(&request.username).await?;
+    let (user, hash) = match found {
+        Some((user, hash)) => (Some(user), Some(hash)),
+        None => (None, None),
+    };
+    let valid = auth::verify_password(request.password, hash).await;
+    let user = match (user, valid) {
+        (Some(user), true) => user,
+        _ => return Err(ApiError::unauthorized("wrong username or password")),
+    };
+    let token = auth::generate_token()?;
+    let ttl_ms = i64::try_from(state.config.token_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+    let expires_at = state
+        .store
+        .create_auth_session(&auth::hash_token(&token), user.id, ttl_ms)
+        .await?;
+    tracing::info!(user = %user.username, "login");
+    Ok(Json(LoginResponse {
+        token,
+        expires_at,
+        user,
+    }))
+}
+
+pub async fn logout(
+    State(state): State<AppState>,
+    caller: AuthUser,
+) -> Result<StatusCode, ApiError> {
+    state.store.delete_auth_session(&caller.token_hash).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn me(caller: AuthUser) -> Json<User> {
+    Json(caller.user)
+}
+
+pub async fn list_users(
+    State(state): State<AppState>,
+    caller: AuthUser,
+) -> Result<Json<Vec<User>>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(state.store.list_users().await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddUserRequest {
+    username: String,
+    password: Option<String>,
+    display_name: Option<String>,
+    email: Option<String>,
+    #[serde(default)]
+    admin: bool,
+}
+
+#[derive(Serialize)]
+pub struct AddUserResponse {
+    user: User,
+    /// Present only when the server generated the password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    password: Option<String>,
+}
+
+pub async fn add_user(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiJson(request): ApiJson<AddUserRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require_admin()?;
+    let (user, password) = auth::create_user(
+        state.store.as_ref(),
+        UserSpec {
+            username: request.username,
+            password: request.password,
+            display_name: request.display_name,
+            email: request.email,
+            admin: request.admin,
+        },
+    )
+    .await?;
+    tracing::info!(user = %user.username, by = %caller.user.username, "user created");
+    Ok((StatusCode::CREATED, Json(AddUserResponse { user, password })))
+}
+
+/// A project as one caller sees it.
+#[derive(Serialize)]
+pub struct ProjectView {
+    #[serde(flatten)]
+    project: Project,
+    /// The caller's role.
+    role: Role,
+}
+
+#[derive(Serialize)]
+pub struct ProjectDetail {
+    #[serde(flatten)]
+    project: Project,
+    role: Role,
+    branches: Vec<String>,
+    members: Vec<Member>,
+}
+
+pub async fn list_projects(
+    State(state): State<AppState>,
+    caller: AuthUser,
+) -> Result<Json<Vec<ProjectView>>, ApiError> {
+    let mut views: Vec<ProjectView> = state
+        .store
+        .projects_of_user(caller.user.id)
+        .await?
+        .into_iter()
+        .map(|(project, role)| ProjectView { project, role })
+        .collect();
+    if caller.user.is_admin {
+        for project in state.store.all_projects().await? {
+            if !views.iter().any(|v| v.project.id == project.id) {
+                views.push(ProjectView {
+                    project,
+                    role: Role::Owner,
+                });
+            }
+        }
+        views.sort_by_key(|v| v.project.id);
+    }
+    Ok(Json(views))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProjectRequest {
+    name: String,
+}
+
+pub async fn create_project(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiJson(request): ApiJson<CreateProjectRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let name = request.name.trim().to_string();
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "project name must be 1 to 200 characters with no control characters",
+        ));
+    }
+    let author = GitAuthor {
+        name: caller.user.display_name.clone(),
+        email: caller.user.email.clone(),
+    };
+    let scratch = state.config.workspace_dir();
+    let readme = format!("# {name}\n");
+    let data = tokio::task::spawn_blocking(move || {
+        workspace::first_snapshot(&scratch, DEFAULT_BRANCH, &readme, &author)
+    })
+    .await
+    .map_err(|e| ApiError::internal("creating the project repository", e))?
+    .map_err(|e| ApiError::internal("creating the project repository", e))?;
+    let size = data.len();
+    let first = NewSnapshot {
+        data,
+        author: Some(caller.user.username.clone()),
+        journal_seq: 0,
+        keep: state.config.snapshots_kept,
+    };
+    let (project, _) = state
+        .store
+        .create_project(&name, caller.user.id, DEFAULT_BRANCH, first)
+        .await?;
+    tracing::info!(project = project.id, by = %caller.user.username, snapshot_bytes = size, "project created");
+    let detail = ProjectDetail {
+        branches: vec![DEFAULT_BRANCH.to_string()],
+        members: state.store.members(project.id).await?,
+        role: Role::Owner,
+        project,
+    };
+    Ok((StatusCode::CREATED, Json(detail)))
+}
+
+/// The project and the caller's role in it, or the error a caller without
+/// access gets: `not_found` for no such project, `forbidden` for a non-member.
+async fn access(state: &AppState, caller: &AuthUser, id: i64) -> Result<(Project, Role), ApiError> {
+    let project = state
+        .store
+        .project(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("project {id} does not exist")))?;
+    match state.store.member_role(id, caller.user.id).await? {
+        Some(role) => Ok((project, role)),
+        None if caller.user.is_admin => Ok((project, Role::Owner)),
+        None => Err(ApiError::forbidden(format!(
+            "you are not a member of project {id}; ask one of its owners to add you"
+        ))),
+    }
+}
+
+fn require(role: Role, needed: Role, action: &str) -> Result<(), ApiError> {
+    if role >= needed {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "{action} needs the {} role; you are {}",
+            needed.as_str(),
+            role.as_str()
+        )))
+    }
+}
+
+pub async fn get_project(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<Json<ProjectDetail>, ApiError> {
+    let (project, role) = access(&state, &caller, id).await?;
+    Ok(Json(ProjectDetail {
+        branches: state.store.branches(id).await?,
+        members: state.store.members(id).await?,
+        role,
+        project,
+    }))
+}
+
+pub async fn delete_project(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+) -> Result<StatusCode, ApiError> {
+    let (_, role) = access(&state, &caller, id).await?;
+    require(role, Role::Owner, "deleting a project")?;
+    state.store.delete_project(id).await?;
+    tracing::info!(project = id, by = %caller.user.username, "project deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMemberRequest {
+    username: String,
+    role: String,
+}
+
+pub async fn set_member(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiPath(id): ApiPath<i64>,
+    ApiJson(request): ApiJson<SetMemberRequest>,
+) -> Result<Json<Vec<Member>>, ApiError> {
+    let (_, role) = access(&state, &caller, id).await?;
+    require(role, Role::Owner, "changing members")?;
+    let new_role = Role::parse(&request.role).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "role {:?} is unknown: use viewer, editor or owner",
+            request.role
+        ))
+    })?;
+    let (user, _) = state
+        .store
+        .user_by_name(&request.username)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no user named {:?}", request.username)))?;
+    state.store.set_member(id, user.id, new_role).await?;
+    Ok(Json(state.store.members(id).await?))
+}
+
+pub async fn remove_member(
+    State(state): State<AppState>,
+    caller: AuthUser,
+    ApiPath((id, username)): ApiPath<(i64, String)>,
+) -> Result<StatusCode, ApiError> {
+    let (_, role) = access(&state, &caller, id).await?;
+    require(role, Role::Owner, "changing members")?;
+    let (user, _) = state
+        .store
+        .user_by_name(&username)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no user named {username:?}")))?;
+    if !state.store.remove_member(id, user.id).await? {
+        return Err(ApiError::not_found(format!(
+            "{username:?} is not a member of project {id}"
+        )));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

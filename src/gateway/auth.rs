@@ -1,0 +1,288 @@
+//! Who is calling: password hashing, login tokens and the [`AuthUser`]
+//! extractor that every authenticated handler takes.
+//!
+//! Passwords are hashed with argon2id; tokens are 32 random bytes, shown to
+//! the client once and stored only as their SHA-256. Hashing is CPU- and
+//! memory-heavy, so it runs on the blocking pool. Nothing here may log a
+//! password or a token.
+
+use std::sync::OnceLock;
+
+use argon2::Argon2;
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+
+use super::AppState;
+use super::error::ApiError;
+use crate::storage::{NewUser, Store, User};
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct AuthUser {
+    pub user: User,
+    /// The SHA-256 of the caller's token, for logout.
+    pub token_hash: String,
+}
+
+impl FromRequestParts<AppState> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer_token(parts)?;
+        let token_hash = hash_token(token);
+        let session = state.store.auth_session(&token_hash).await?.ok_or_else(|| {
+            ApiError::unauthorized(
+                "the token is not valid (revoked or never issued); log in again",
+            )
+        })?;
+        if session.expired {
+            return Err(ApiError::unauthorized(
+                "the token has expired; log in again with POST /api/auth/login",
+            ));
+        }
+        Ok(AuthUser {
+            user: session.user,
+            token_hash,
+        })
+    }
+}
+
+impl AuthUser {
+    /// Refuses callers who are not administrators.
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.user.is_admin {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden("this needs an administrator"))
+        }
+    }
+}
+
+fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
+    let missing = || {
+        ApiError::unauthorized(
+            "missing credentials: send `Authorization: Bearer <token>` with a token from POST /api/auth/login",
+        )
+    };
+    let header = parts.headers.get(AUTHORIZATION).ok_or_else(missing)?;
+    let value = header
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(|| {
+            ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+        })?
+        .trim();
+    if token.is_empty() {
+        return Err(missing());
+    }
+    Ok(token)
+}
+
+/// A new random login token (64 hex characters).
+pub fn generate_token() -> Result<String, ApiError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| ApiError::internal("generating a token", e))?;
+    Ok(hex::encode(bytes))
+}
+
+/// How a token is stored: its SHA-256, hex.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// A new random password: 20 characters from an alphabet without look-alikes.
+pub fn generate_password() -> Result<String, getrandom::Error> {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut bytes = [0u8; 20];
+    getrandom::fill(&mut bytes)?;
+    // 256 is not a multiple of the alphabet's size; the bias this leaves
+    // (under 1 bit over the whole password) is irrelevant at 20 characters.
+    Ok(bytes
+        .iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect())
+}
+
+/// Hashes a password with argon2id on the blocking pool.
+pub async fn hash_password(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default()
+            .hash_password(password.as_bytes())
+            .map(|hash| hash.to_string())
+    })
+    .await
+    .map_err(|e| ApiError::internal("hashing a password", e))?
+    .map_err(|e| ApiError::internal("hashing a password", e))
+}
+
+/// Checks a password against a stored hash on the blocking pool. With no
+/// stored hash (unknown user) it checks against a fixed one, so that the
+/// answer takes as long either way and does not reveal which usernames exist.
+pub async fn verify_password(password: String, stored: Option<String>) -> bool {
+    let stored = match stored {
+        Some(hash) => hash,
+        None => decoy_hash().to_string(),
+    };
+    tokio::task::spawn_blocking(move || {
+        PasswordHash::new(&stored)
+            .map(|hash| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &hash)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap_or(false)
+}
+
+fn decoy_hash() -> &'static str {
+    static DECOY: OnceLock<String> = OnceLock::new();
+    DECOY.get_or_init(|| {
+        Argon2::default()
+            .hash_password(b"branchd decoy password")
+            .map(|hash| hash.to_string())
+            .unwrap_or_default()
+    })
+}
+
+/// A user to create through any door (CLI, first start, admin API).
+#[derive(Debug, Clone, Default)]
+pub struct UserSpec {
+    pub username: String,
+    /// `None`: generate one and return it.
+    pub password: Option<String>,
+    pub display_name: Option<String>,
+    pub email: Option<String>,
+    pub admin: bool,
+}
+
+/// Validates and creates a user; returns it and the generated password, if
+/// one was generated. The email defaults to `USERNAME@branchd.invalid`, the
+/// display name to the username (both are used as git commit author).
+pub async fn create_user(
+    store: &dyn Store,
+    spec: UserSpec,
+) -> Result<(User, Option<String>), ApiError> {
+    validate_username(&spec.username)?;
+    let (password, generated) = match spec.password {
+        Some(password) => {
+            validate_password(&password)?;
+            (password, false)
+        }
+        None => (
+            generate_password().map_err(|e| ApiError::internal("generating a password", e))?,
+            true,
+        ),
+    };
+    let display_name = spec
+        .display_name
+        .filter(|n| !n.trim().is_empty())
+        .unwrap_or_else(|| spec.username.clone());
+    let email = spec
+        .email
+        .filter(|e| !e.trim().is_empty())
+        .unwrap_or_else(|| format!("{}@branchd.invalid", spec.username));
+    if display_name.len() > 200 || display_name.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "display_name must be at most 200 characters with no control characters",
+        ));
+    }
+    if email.len() > 254 || !email.contains('@') || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::bad_request(format!(
+            "email {email:?} is not an email address"
+        )));
+    }
+    let password_hash = hash_password(password.clone()).await?;
+    let user = store
+        .create_user(NewUser {
+            username: spec.username,
+            display_name,
+            email,
+            password_hash,
+            is_admin: spec.admin,
+        })
+        .await?;
+    Ok((user, generated.then_some(password)))
+}
+
+/// Checks a username: 1 to 64 characters of letters, digits, `.`, `_` and
+/// `-`, starting with a letter or digit.
+pub fn validate_username(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "username {name:?} is not allowed: use 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )))
+    }
+}
+
+/// Checks a chosen password: at least 8 and at most 1024 bytes.
+pub fn validate_password(password: &str) -> Result<(), ApiError> {
+    if password.len() < 8 {
+        return Err(ApiError::bad_request(
+            "password is too short: use at least 8 characters",
+        ));
+    }
+    if password.len() > 1024 {
+        return Err(ApiError::bad_request(
+            "password is too long: use at most 1024 bytes",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_hashed_password_verifies_and_a_wrong_one_does_not() {
+        let hash = hash_password("correct horse".into()).await.expect("hash");
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password("correct horse".into(), Some(hash.clone())).await);
+        assert!(!verify_password("wrong horse".into(), Some(hash)).await);
+        assert!(!verify_password("anything".into(), None).await);
+        assert!(!verify_password("x".into(), Some("not a phc string".into())).await);
+    }
+
+    #[test]
+    fn tokens_are_random_and_stored_hashed() {
+        let a = generate_token().expect("token");
+        let b = generate_token().expect("token");
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        assert_ne!(hash_token(&a), a);
+        assert_eq!(hash_token(&a), hash_token(&a));
+    }
+
+    #[test]
+    fn usernames_are_checked() {
+        assert!(validate_username("ada.lovelace-1").is_ok());
+        assert!(validate_username("").is_err());
+        assert!(validate_username("-dash").is_err());
+        assert!(validate_username("with space").is_err());
+        assert!(validate_username(&"x".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn generated_passwords_are_long_and_pass_validation() {
+        let password = generate_password().expect("password");
+        assert_eq!(password.len(), 20);
+        assert!(validate_password(&password).is_ok());
+    }
+}

@@ -1,0 +1,127 @@
+//! The HTTP side of branchd (axum): the JSON API for logins, users and
+//! projects, health checks, and the layers every request passes through
+//! (body limit, panic guard, request logging without query strings).
+//!
+//! Only this module knows HTTP. Handlers are small and delegate to the
+//! store and to `workspace`; errors are [`error::ApiError`], which alone
+//! decides status codes.
+
+pub mod api;
+pub mod auth;
+pub mod error;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::de::DeserializeOwned;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::config::Config;
+use crate::protocol::ErrorCode;
+use crate::storage::Store;
+use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub config: Arc<Config>,
+    /// This node's server tag.
+    pub server_tag: Arc<str>,
+}
+
+/// The whole HTTP API.
+pub fn router(state: AppState) -> Router {
+    let body_limit = usize::try_from(state.config.max_request_body).unwrap_or(usize::MAX);
+    Router::new()
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .route("/api/auth/login", post(api::login))
+        .route("/api/auth/logout", post(api::logout))
+        .route("/api/me", get(api::me))
+        .route("/api/users", get(api::list_users).post(api::add_user))
+        .route("/api/projects", get(api::list_projects).post(api::create_project))
+        .route(
+            "/api/projects/{id}",
+            get(api::get_project).delete(api::delete_project),
+        )
+        .route("/api/projects/{id}/members", post(api::set_member))
+        .route(
+            "/api/projects/{id}/members/{username}",
+            delete(api::remove_member),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(CatchPanicLayer::custom(|_panic| {
+            ApiError::new(
+                ErrorCode::Internal,
+                "the server hit a bug handling this request; the server log has details",
+            )
+            .into_response()
+        }))
+        .layer(
+            // Log the path only: query strings may carry access tokens.
+            TraceLayer::new_for_http().make_span_with(|request: &Request| {
+                tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
+            }),
+        )
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    let err = ApiError::bad_request(format!(
+        "{} does not accept {method}; see docs/operations.md for the API",
+        uri.path()
+    ));
+    let mut response = err.into_response();
+    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    response
+}
+
+/// A JSON body whose rejections are [`ApiError`]s (`bad_request`, `too_large`).
+pub struct ApiJson<T>(pub T);
+
+impl<T, S> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        axum::Json::<T>::from_request(req, state)
+            .await
+            .map(|axum::Json(value)| ApiJson(value))
+            .map_err(|rejection: JsonRejection| rejection.into())
+    }
+}
+
+/// Path parameters whose rejections are [`ApiError`]s (`bad_request`).
+pub struct ApiPath<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for ApiPath<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| ApiPath(value))
+            .map_err(|rejection: PathRejection| rejection.into())
+    }
+}

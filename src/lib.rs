@@ -1,0 +1,29 @@
+//! # branchd
+//!
+//! branchd keeps **one live git working copy per (project, branch)** for a
+//! browser-based editor: clients read, write, compile and commit files in it
+//! over a WebSocket, and every client of a branch shares the same copy.
+//! `../DESIGN.md` (shared with the team) is the full architecture; this page
+//! says where each part lives.
+//!
+//! - [`config`]: every knob, from flags and `BRANCHD_*` environment variables.
+//! - [`storage`]: the [`storage::Store`] trait and its SQLite/Postgres
+//!   implementation; the only code that speaks SQL.
+//! - [`workspace`]: working copies on disk: creating repositories, packing and
+//!   unpacking snapshots.
+//! - [`gateway`]: the HTTP side (axum): authentication, the projects API,
+//!   health checks, and the error type that maps to HTTP.
+//! - [`protocol`]: wire types shared by every boundary (error codes today).
+//! - [`server`]: wires the parts together for `branchd serve` and runs them
+//!   until a shutdown signal.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; the
+//! integration tests in `tests/` drive the same library through a real server
+//! on a real socket.
+
+pub mod config;
+pub mod gateway;
+pub mod protocol;
+pub mod server;
+pub mod storage;
+pub mod workspace;

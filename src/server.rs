@@ -1,0 +1,166 @@
+//! Wires branchd together for `branchd serve`: opens the store, applies
+//! migrations, makes sure an administrator exists, binds the HTTP listener
+//! and runs until told to stop.
+//!
+//! [`Server`] is a value with an explicit [`Server::shutdown`], so the binary
+//! and the integration tests start and stop the real service the same way.
+//! This module decides nothing about requests: it only starts and stops.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::gateway::{self, AppState, auth};
+use crate::storage::{self, Store, redact_url};
+
+/// The administrator created on first start.
+pub const ADMIN_USERNAME: &str = "admin";
+
+/// How long in-flight HTTP requests get to finish after a shutdown signal.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// How often expired login tokens are deleted.
+const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// A running branchd node.
+pub struct Server {
+    local_addr: SocketAddr,
+    store: Arc<dyn Store>,
+    /// The password of the `admin` user if this start created it with a
+    /// generated password; shown once, never stored in clear.
+    pub generated_admin_password: Option<String>,
+    stop: watch::Sender<bool>,
+    http: JoinHandle<std::io::Result<()>>,
+    housekeeping: JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the store, applies migrations, creates the administrator if no
+    /// user exists, and starts serving HTTP on `config.listen`.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        let data_dir = &config.database.data_dir;
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+        let workspace_dir = config.workspace_dir();
+        std::fs::create_dir_all(&workspace_dir).with_context(|| {
+            format!("creating the workspace dir {}", workspace_dir.display())
+        })?;
+        let url = config.database.url();
+        let store = storage::open(&url, config.database.db_max_connections)
+            .await
+            .with_context(|| format!("opening the database {}", redact_url(&url)))?;
+        tracing::info!(database = %redact_url(&url), backend = ?store.backend(), "store ready");
+
+        let generated_admin_password =
+            ensure_admin(store.as_ref(), config.admin_password.clone()).await?;
+
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        let server_tag: Arc<str> = config.server_tag().into();
+        tracing::info!(%local_addr, server_tag = %server_tag, "listening");
+
+        let state = AppState {
+            store: store.clone(),
+            config: Arc::new(config),
+            server_tag,
+        };
+        let (stop, stopped) = watch::channel(false);
+        let mut on_stop = stopped.clone();
+        let http = tokio::spawn(
+            axum::serve(listener, gateway::router(state))
+                .with_graceful_shutdown(async move { wait_for_stop(&mut on_stop).await })
+                .into_future(),
+        );
+        let housekeeping = tokio::spawn(purge_tokens(store.clone(), stopped));
+        Ok(Server {
+            local_addr,
+            store,
+            generated_admin_password,
+            stop,
+            http,
+            housekeeping,
+        })
+    }
+
+    /// The address the HTTP server is bound to (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish (up to a
+    /// grace period), and returns when the server is down.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.housekeeping.abort();
+        let mut http = self.http;
+        match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut http).await {
+            Ok(joined) => joined.context("HTTP server task")??,
+            Err(_) => {
+                tracing::warn!("requests still running after the shutdown grace; stopping anyway");
+                http.abort();
+            }
+        }
+        tracing::info!("server stopped");
+        Ok(())
+    }
+}
+
+/// Creates the `admin` user when the store has no user at all. Returns the
+/// password if it was generated. Two nodes starting at once on an empty
+/// database race benignly: the loser sees the winner's user and moves on.
+async fn ensure_admin(
+    store: &dyn Store,
+    password: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    if store.user_count().await? > 0 {
+        return Ok(None);
+    }
+    let spec = auth::UserSpec {
+        username: ADMIN_USERNAME.to_string(),
+        password: password.filter(|p| !p.is_empty()),
+        admin: true,
+        ..Default::default()
+    };
+    match auth::create_user(store, spec).await {
+        Ok((user, generated)) => {
+            tracing::info!(user = %user.username, "created the first administrator");
+            Ok(generated)
+        }
+        Err(err) if err.code == crate::protocol::ErrorCode::Conflict => Ok(None),
+        Err(err) => Err(anyhow::anyhow!(
+            "creating the admin user: {} (check BRANCHD_ADMIN_PASSWORD)",
+            err.message
+        )),
+    }
+}
+
+async fn purge_tokens(store: Arc<dyn Store>, mut stopped: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(TOKEN_PURGE_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => match store.purge_expired_auth_sessions().await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(removed = n, "purged expired login tokens"),
+                Err(err) => tracing::warn!(error = %err, "purging expired login tokens failed"),
+            },
+            _ = wait_for_stop(&mut stopped) => return,
+        }
+    }
+}
+
+/// Resolves once a stop has been signalled (or the signaller is gone).
+async fn wait_for_stop(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
