@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the server (HTTP API and WebSocket gateway) until SIGINT or SIGTERM.
+    /// Run the server (the HTTP API) until SIGINT or SIGTERM.
     ///
     /// With no options it keeps everything under ./data (SQLite) and listens
     /// on 127.0.0.1:8080. On first start it creates the user `admin` and
