@@ -55,11 +55,11 @@ mod tests {
 
         let repo = Repository::open(dir.path()).expect("open");
         let head = repo.head().expect("head");
-        assert_eq!(head.shorthand(), Some("main"));
+        assert_eq!(head.shorthand().ok(), Some("main"));
         let commit = head.peel_to_commit().expect("commit");
         assert_eq!(commit.id().to_string(), id);
         assert_eq!(commit.parent_count(), 0);
-        assert_eq!(commit.author().name(), Some("Ada"));
+        assert_eq!(commit.author().name().ok(), Some("Ada"));
         let blob = commit
             .tree()
             .expect("tree")
