@@ -27,7 +27,13 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct LogConfig {
     /// Log line format.
-    #[arg(long, env = "BRANCHD_LOG_FORMAT", value_enum, default_value = "human", global = true)]
+    #[arg(
+        long,
+        env = "BRANCHD_LOG_FORMAT",
+        value_enum,
+        default_value = "human",
+        global = true
+    )]
     pub log_format: LogFormat,
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info`, `branchd=debug,sqlx=warn`).
     #[arg(long, env = "BRANCHD_LOG", default_value = "info", global = true)]

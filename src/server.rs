@@ -48,9 +48,8 @@ impl Server {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
         let workspace_dir = config.workspace_dir();
-        std::fs::create_dir_all(&workspace_dir).with_context(|| {
-            format!("creating the workspace dir {}", workspace_dir.display())
-        })?;
+        std::fs::create_dir_all(&workspace_dir)
+            .with_context(|| format!("creating the workspace dir {}", workspace_dir.display()))?;
         let url = config.database.url();
         let store = storage::open(&url, config.database.db_max_connections)
             .await

@@ -29,7 +29,10 @@ async fn admin_logs_in_creates_a_project_and_lists_it(db: TestDb) {
     let token = server.admin_token().await;
     let (status, me) = server.get("/api/me", &token).await;
     assert_eq!(status, 200);
-    assert_eq!((me["username"].as_str(), me["is_admin"].as_bool()), (Some("admin"), Some(true)));
+    assert_eq!(
+        (me["username"].as_str(), me["is_admin"].as_bool()),
+        (Some("admin"), Some(true))
+    );
 
     let (status, created) = server
         .post("/api/projects", &token, json!({"name": "  Gearbox  "}))
@@ -85,7 +88,10 @@ async fn a_new_project_holds_a_git_repository_with_one_initial_commit(db: TestDb
         std::fs::read_to_string(dir.path().join("README.md")).expect("README"),
         "# Bracket\n"
     );
-    assert!(repo.statuses(None).expect("status").is_empty(), "clean work tree");
+    assert!(
+        repo.statuses(None).expect("status").is_empty(),
+        "clean work tree"
+    );
     server.stop().await;
 }
 
@@ -153,8 +159,17 @@ async fn logout_revokes_the_token(db: TestDb) {
         .send(Method::POST, "/api/auth/logout", Some(&token), None)
         .await;
     assert_eq!(status, 204);
-    assert_error(&server.get("/api/me", &token).await, 401, "unauthorized", "log in again");
-    assert_eq!(server.get("/api/me", &other).await.0, 200, "other tokens stay valid");
+    assert_error(
+        &server.get("/api/me", &token).await,
+        401,
+        "unauthorized",
+        "log in again",
+    );
+    assert_eq!(
+        server.get("/api/me", &other).await.0,
+        200,
+        "other tokens stay valid"
+    );
     server.stop().await;
 }
 
@@ -164,7 +179,9 @@ async fn a_stranger_cannot_see_a_project_and_a_viewer_cannot_delete_it(db: TestD
     let owner = server.user(&admin, "olga").await;
     let viewer = server.user(&admin, "victor").await;
     let stranger = server.user(&admin, "sam").await;
-    let (_, project) = server.post("/api/projects", &owner, json!({"name": "Private"})).await;
+    let (_, project) = server
+        .post("/api/projects", &owner, json!({"name": "Private"}))
+        .await;
     let id = project["id"].as_i64().expect("id");
     let path = format!("/api/projects/{id}");
     let (status, _) = server
@@ -176,21 +193,41 @@ async fn a_stranger_cannot_see_a_project_and_a_viewer_cannot_delete_it(db: TestD
         .await;
     assert_eq!(status, 200);
 
-    assert_error(&server.get(&path, &stranger).await, 403, "forbidden", "not a member");
+    assert_error(
+        &server.get(&path, &stranger).await,
+        403,
+        "forbidden",
+        "not a member",
+    );
     let (_, listed) = server.get("/api/projects", &stranger).await;
     assert_eq!(listed, json!([]), "strangers do not see it in their list");
-    assert_error(&server.delete(&path, &stranger).await, 403, "forbidden", "not a member");
+    assert_error(
+        &server.delete(&path, &stranger).await,
+        403,
+        "forbidden",
+        "not a member",
+    );
 
     let (status, seen) = server.get(&path, &viewer).await;
     assert_eq!((status, seen["role"].as_str()), (200, Some("viewer")));
-    assert_error(&server.delete(&path, &viewer).await, 403, "forbidden", "owner role");
+    assert_error(
+        &server.delete(&path, &viewer).await,
+        403,
+        "forbidden",
+        "owner role",
+    );
     assert_eq!(server.get(&path, &owner).await.0, 200, "still there");
 
     // Admins act as owners of every project.
     let (_, all) = server.get("/api/projects", &admin).await;
     assert_eq!(all[0]["role"], "owner");
     assert_eq!(server.delete(&path, &owner).await.0, 204);
-    assert_error(&server.get(&path, &owner).await, 404, "not_found", "does not exist");
+    assert_error(
+        &server.get(&path, &owner).await,
+        404,
+        "not_found",
+        "does not exist",
+    );
     server.stop().await;
 }
 
@@ -200,33 +237,58 @@ async fn only_owners_manage_members_and_the_last_owner_stays(db: TestDb) {
     let owner = server.user(&admin, "olga").await;
     let editor = server.user(&admin, "eddie").await;
     server.user(&admin, "newbie").await;
-    let (_, project) = server.post("/api/projects", &owner, json!({"name": "Team"})).await;
+    let (_, project) = server
+        .post("/api/projects", &owner, json!({"name": "Team"}))
+        .await;
     let members = format!("/api/projects/{}/members", project["id"]);
 
     let (status, list) = server
-        .post(&members, &owner, json!({"username": "eddie", "role": "editor"}))
+        .post(
+            &members,
+            &owner,
+            json!({"username": "eddie", "role": "editor"}),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(list.as_array().map(Vec::len), Some(2));
     let refused = server
-        .post(&members, &editor, json!({"username": "newbie", "role": "viewer"}))
+        .post(
+            &members,
+            &editor,
+            json!({"username": "newbie", "role": "viewer"}),
+        )
         .await;
     assert_error(&refused, 403, "forbidden", "owner role");
     let bad_role = server
-        .post(&members, &owner, json!({"username": "newbie", "role": "boss"}))
+        .post(
+            &members,
+            &owner,
+            json!({"username": "newbie", "role": "boss"}),
+        )
         .await;
     assert_error(&bad_role, 400, "bad_request", "viewer, editor or owner");
     let ghost = server
-        .post(&members, &owner, json!({"username": "ghost", "role": "viewer"}))
+        .post(
+            &members,
+            &owner,
+            json!({"username": "ghost", "role": "viewer"}),
+        )
         .await;
     assert_error(&ghost, 404, "not_found", "ghost");
     let demote_last = server
-        .post(&members, &owner, json!({"username": "olga", "role": "editor"}))
+        .post(
+            &members,
+            &owner,
+            json!({"username": "olga", "role": "editor"}),
+        )
         .await;
     assert_error(&demote_last, 409, "conflict", "without an owner");
     let remove_last = server.delete(&format!("{members}/olga"), &owner).await;
     assert_error(&remove_last, 409, "conflict", "last owner");
-    assert_eq!(server.delete(&format!("{members}/eddie"), &owner).await.0, 204);
+    assert_eq!(
+        server.delete(&format!("{members}/eddie"), &owner).await.0,
+        204
+    );
     let again = server.delete(&format!("{members}/eddie"), &owner).await;
     assert_error(&again, 404, "not_found", "not a member");
     server.stop().await;
@@ -240,20 +302,35 @@ async fn only_admins_create_users_and_usernames_are_unique(db: TestDb) {
         .post("/api/users", &alice, json!({"username": "mallory"}))
         .await;
     assert_error(&refused, 403, "forbidden", "administrator");
-    assert_error(&server.get("/api/users", &alice).await, 403, "forbidden", "administrator");
+    assert_error(
+        &server.get("/api/users", &alice).await,
+        403,
+        "forbidden",
+        "administrator",
+    );
 
     let duplicate = server
-        .post("/api/users", &admin, json!({"username": "alice", "password": "long-enough"}))
+        .post(
+            "/api/users",
+            &admin,
+            json!({"username": "alice", "password": "long-enough"}),
+        )
         .await;
     assert_error(&duplicate, 409, "conflict", "alice");
     let (status, generated) = server
         .post("/api/users", &admin, json!({"username": "bob"}))
         .await;
     assert_eq!(status, 201);
-    let password = generated["password"].as_str().expect("a generated password");
+    let password = generated["password"]
+        .as_str()
+        .expect("a generated password");
     server.login("bob", password).await;
     let short = server
-        .post("/api/users", &admin, json!({"username": "carol", "password": "short"}))
+        .post(
+            "/api/users",
+            &admin,
+            json!({"username": "carol", "password": "short"}),
+        )
         .await;
     assert_error(&short, 400, "bad_request", "at least 8");
     let bad_name = server
@@ -279,31 +356,60 @@ async fn bad_input_gets_bad_request_with_what_to_fix(db: TestDb) {
     assert_eq!(malformed.status(), 400);
     let body: serde_json::Value = malformed.json().await.expect("json");
     assert_eq!(body["code"], "bad_request");
-    assert!(body["message"].as_str().unwrap_or_default().contains("invalid JSON"));
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("invalid JSON")
+    );
 
-    let not_json = raw("name=x", "application/x-www-form-urlencoded").await.expect("send");
+    let not_json = raw("name=x", "application/x-www-form-urlencoded")
+        .await
+        .expect("send");
     assert_eq!(not_json.status(), 400);
     let body: serde_json::Value = not_json.json().await.expect("json");
-    assert!(body["message"].as_str().unwrap_or_default().contains("Content-Type"));
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Content-Type")
+    );
 
     let missing = server.post("/api/projects", &token, json!({})).await;
     assert_error(&missing, 400, "bad_request", "name");
     let unknown_field = server
-        .post("/api/projects", &token, json!({"name": "x", "colour": "red"}))
+        .post(
+            "/api/projects",
+            &token,
+            json!({"name": "x", "colour": "red"}),
+        )
         .await;
     assert_error(&unknown_field, 400, "bad_request", "colour");
-    let empty = server.post("/api/projects", &token, json!({"name": "   "})).await;
+    let empty = server
+        .post("/api/projects", &token, json!({"name": "   "}))
+        .await;
     assert_error(&empty, 400, "bad_request", "1 to 200");
-    let control = server.post("/api/projects", &token, json!({"name": "a\u{0}b"})).await;
+    let control = server
+        .post("/api/projects", &token, json!({"name": "a\u{0}b"}))
+        .await;
     assert_error(&control, 400, "bad_request", "control");
     let login_missing = server
-        .send(Method::POST, "/api/auth/login", None, Some(json!({"username": "admin"})))
+        .send(
+            Method::POST,
+            "/api/auth/login",
+            None,
+            Some(json!({"username": "admin"})),
+        )
         .await;
     assert_error(&login_missing, 400, "bad_request", "password");
     let not_a_number = server.get("/api/projects/abc", &token).await;
     assert_error(&not_a_number, 400, "bad_request", "abc");
     let (status, list) = server.get("/api/projects", &token).await;
-    assert_eq!((status, list), (200, json!([])), "nothing was created by bad input");
+    assert_eq!(
+        (status, list),
+        (200, json!([])),
+        "nothing was created by bad input"
+    );
     server.stop().await;
 }
 
@@ -322,9 +428,21 @@ async fn oversized_bodies_get_too_large(db: TestDb) {
 async fn unknown_things_get_not_found(db: TestDb) {
     let server = TestServer::start(db).await;
     let token = server.admin_token().await;
-    assert_error(&server.get("/api/projects/999", &token).await, 404, "not_found", "999");
-    assert_error(&server.get("/api/nothing", &token).await, 404, "not_found", "/api/nothing");
-    let wrong_method = server.send(Method::PUT, "/api/projects", Some(&token), None).await;
+    assert_error(
+        &server.get("/api/projects/999", &token).await,
+        404,
+        "not_found",
+        "999",
+    );
+    assert_error(
+        &server.get("/api/nothing", &token).await,
+        404,
+        "not_found",
+        "/api/nothing",
+    );
+    let wrong_method = server
+        .send(Method::PUT, "/api/projects", Some(&token), None)
+        .await;
     assert_error(&wrong_method, 405, "bad_request", "PUT");
     server.stop().await;
 }

@@ -97,7 +97,10 @@ async fn migrations_are_applied_and_the_clock_is_sane(db: TestDb) {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as i64;
-    assert!((now - local).abs() < 60_000, "db clock {now} vs local {local}");
+    assert!(
+        (now - local).abs() < 60_000,
+        "db clock {now} vs local {local}"
+    );
     // Opening again (a second node, a restart) applies nothing new and works.
     let again = db.open().await;
     assert!(again.ready().await.expect("ready"));
@@ -116,9 +119,16 @@ async fn users_are_unique_and_found_by_name_and_id(db: TestDb) {
         })
         .await
         .expect_err("duplicate username");
-    assert!(matches!(err, StoreError::Conflict(ref m) if m.contains("ada")), "{err}");
+    assert!(
+        matches!(err, StoreError::Conflict(ref m) if m.contains("ada")),
+        "{err}"
+    );
 
-    let (found, hash) = store.user_by_name("ada").await.expect("query").expect("found");
+    let (found, hash) = store
+        .user_by_name("ada")
+        .await
+        .expect("query")
+        .expect("found");
     assert_eq!(found.id, id);
     assert_eq!(hash, "hash");
     assert!(!found.is_admin);
@@ -126,8 +136,15 @@ async fn users_are_unique_and_found_by_name_and_id(db: TestDb) {
     assert_eq!(store.user_by_name("nobody").await.expect("query"), None);
     assert_eq!(store.user_count().await.expect("count"), 1);
 
-    store.set_password(id, "new-hash").await.expect("set password");
-    let (_, hash) = store.user_by_name("ada").await.expect("query").expect("found");
+    store
+        .set_password(id, "new-hash")
+        .await
+        .expect("set password");
+    let (_, hash) = store
+        .user_by_name("ada")
+        .await
+        .expect("query")
+        .expect("found");
     assert_eq!(hash, "new-hash");
     assert!(matches!(
         store.set_password(id + 100, "x").await,
@@ -152,7 +169,11 @@ async fn tokens_expire_by_the_database_clock_and_can_be_revoked(db: TestDb) {
         .await
         .expect("create");
     assert!(expires >= before + 60_000 && expires < before + 120_000);
-    let live = store.auth_session("live").await.expect("query").expect("found");
+    let live = store
+        .auth_session("live")
+        .await
+        .expect("query")
+        .expect("found");
     assert_eq!(live.user.username, "ada");
     assert!(!live.expired);
 
@@ -160,14 +181,23 @@ async fn tokens_expire_by_the_database_clock_and_can_be_revoked(db: TestDb) {
         .create_auth_session("stale", id, -1)
         .await
         .expect("create expired");
-    let stale = store.auth_session("stale").await.expect("query").expect("found");
+    let stale = store
+        .auth_session("stale")
+        .await
+        .expect("query")
+        .expect("found");
     assert!(stale.expired);
     assert_eq!(store.auth_session("unknown").await.expect("query"), None);
 
     assert_eq!(store.purge_expired_auth_sessions().await.expect("purge"), 1);
     assert_eq!(store.auth_session("stale").await.expect("query"), None);
     assert!(store.delete_auth_session("live").await.expect("delete"));
-    assert!(!store.delete_auth_session("live").await.expect("delete again"));
+    assert!(
+        !store
+            .delete_auth_session("live")
+            .await
+            .expect("delete again")
+    );
     assert_eq!(store.auth_session("live").await.expect("query"), None);
 }
 
@@ -184,17 +214,35 @@ async fn creating_a_project_makes_the_owner_and_the_first_snapshot(db: TestDb) {
     assert_eq!(meta.sha256, hex::encode(Sha256::digest(b"first")));
     assert_eq!(meta.size, 5);
 
-    assert_eq!(store.project(project.id).await.expect("get"), Some(project.clone()));
+    assert_eq!(
+        store.project(project.id).await.expect("get"),
+        Some(project.clone())
+    );
     assert_eq!(
         store.member_role(project.id, owner).await.expect("role"),
         Some(Role::Owner)
     );
-    assert_eq!(store.member_role(project.id, other).await.expect("role"), None);
-    assert_eq!(store.branches(project.id).await.expect("branches"), ["main"]);
+    assert_eq!(
+        store.member_role(project.id, other).await.expect("role"),
+        None
+    );
+    assert_eq!(
+        store.branches(project.id).await.expect("branches"),
+        ["main"]
+    );
     let mine = store.projects_of_user(owner).await.expect("mine");
     assert_eq!(mine, vec![(project.clone(), Role::Owner)]);
-    assert!(store.projects_of_user(other).await.expect("theirs").is_empty());
-    assert_eq!(store.all_projects().await.expect("all"), vec![project.clone()]);
+    assert!(
+        store
+            .projects_of_user(other)
+            .await
+            .expect("theirs")
+            .is_empty()
+    );
+    assert_eq!(
+        store.all_projects().await.expect("all"),
+        vec![project.clone()]
+    );
     let latest = store
         .latest_snapshot(&meta.key)
         .await
@@ -210,10 +258,22 @@ async fn members_can_change_but_a_project_always_keeps_an_owner(db: TestDb) {
     let id = key.project_id;
     let viewer = user(store.as_ref(), "viewer").await;
 
-    store.set_member(id, viewer, Role::Viewer).await.expect("add");
-    assert_eq!(store.member_role(id, viewer).await.expect("role"), Some(Role::Viewer));
-    store.set_member(id, viewer, Role::Editor).await.expect("promote");
-    assert_eq!(store.member_role(id, viewer).await.expect("role"), Some(Role::Editor));
+    store
+        .set_member(id, viewer, Role::Viewer)
+        .await
+        .expect("add");
+    assert_eq!(
+        store.member_role(id, viewer).await.expect("role"),
+        Some(Role::Viewer)
+    );
+    store
+        .set_member(id, viewer, Role::Editor)
+        .await
+        .expect("promote");
+    assert_eq!(
+        store.member_role(id, viewer).await.expect("role"),
+        Some(Role::Editor)
+    );
     let names: Vec<(String, Role)> = store
         .members(id)
         .await
@@ -223,18 +283,30 @@ async fn members_can_change_but_a_project_always_keeps_an_owner(db: TestDb) {
         .collect();
     assert_eq!(
         names,
-        [("owner".to_string(), Role::Owner), ("viewer".to_string(), Role::Editor)]
+        [
+            ("owner".to_string(), Role::Owner),
+            ("viewer".to_string(), Role::Editor)
+        ]
     );
 
     let demote = store.set_member(id, owner, Role::Viewer).await;
     assert!(matches!(demote, Err(StoreError::Conflict(_))), "{demote:?}");
-    assert_eq!(store.member_role(id, owner).await.expect("role"), Some(Role::Owner));
+    assert_eq!(
+        store.member_role(id, owner).await.expect("role"),
+        Some(Role::Owner)
+    );
     let remove = store.remove_member(id, owner).await;
     assert!(matches!(remove, Err(StoreError::Conflict(_))), "{remove:?}");
-    assert_eq!(store.member_role(id, owner).await.expect("role"), Some(Role::Owner));
+    assert_eq!(
+        store.member_role(id, owner).await.expect("role"),
+        Some(Role::Owner)
+    );
 
     // With a second owner, the first may step down.
-    store.set_member(id, viewer, Role::Owner).await.expect("second owner");
+    store
+        .set_member(id, viewer, Role::Owner)
+        .await
+        .expect("second owner");
     assert!(store.remove_member(id, owner).await.expect("remove"));
     assert!(!store.remove_member(id, owner).await.expect("remove again"));
     assert_eq!(store.member_role(id, owner).await.expect("role"), None);
@@ -255,14 +327,43 @@ async fn deleting_a_project_removes_everything_under_it(db: TestDb) {
         .expect("journal");
 
     assert!(store.delete_project(key.project_id).await.expect("delete"));
-    assert!(!store.delete_project(key.project_id).await.expect("delete again"));
+    assert!(
+        !store
+            .delete_project(key.project_id)
+            .await
+            .expect("delete again")
+    );
     assert_eq!(store.project(key.project_id).await.expect("get"), None);
-    assert!(store.branches(key.project_id).await.expect("branches").is_empty());
-    assert!(store.latest_snapshot(&key).await.expect("snapshot").is_none());
-    assert!(store.journal_after(&key, 0).await.expect("journal").is_empty());
+    assert!(
+        store
+            .branches(key.project_id)
+            .await
+            .expect("branches")
+            .is_empty()
+    );
+    assert!(
+        store
+            .latest_snapshot(&key)
+            .await
+            .expect("snapshot")
+            .is_none()
+    );
+    assert!(
+        store
+            .journal_after(&key, 0)
+            .await
+            .expect("journal")
+            .is_empty()
+    );
     assert!(store.sessions_of(&key).await.expect("sessions").is_empty());
     assert_eq!(store.claim_of(&key).await.expect("claim"), None);
-    assert!(store.projects_of_user(owner).await.expect("mine").is_empty());
+    assert!(
+        store
+            .projects_of_user(owner)
+            .await
+            .expect("mine")
+            .is_empty()
+    );
 }
 
 async fn snapshots_are_versioned_never_overwritten_and_trimmed_to_keep(db: TestDb) {
@@ -283,11 +384,19 @@ async fn snapshots_are_versioned_never_overwritten_and_trimmed_to_keep(db: TestD
         .expect("v2");
     assert_eq!(v2.version, 2);
     assert_eq!(v2.size, big.len() as i64);
-    let read = store.snapshot(&key, 2).await.expect("read").expect("v2 exists");
+    let read = store
+        .snapshot(&key, 2)
+        .await
+        .expect("read")
+        .expect("v2 exists");
     assert!(read.data == big, "5 MB blob must read back unchanged");
     assert_eq!(read.meta.sha256, hex::encode(Sha256::digest(&big)));
     // Older versions stay readable.
-    let v1 = store.snapshot(&key, 1).await.expect("read").expect("v1 kept");
+    let v1 = store
+        .snapshot(&key, 1)
+        .await
+        .expect("read")
+        .expect("v1 kept");
     assert_eq!(v1.data, b"v1");
 
     for n in 3..=5 {
@@ -306,8 +415,15 @@ async fn snapshots_are_versioned_never_overwritten_and_trimmed_to_keep(db: TestD
         .collect();
     assert_eq!(versions, [5, 4, 3], "keep=3 keeps the newest three");
     assert!(store.snapshot(&key, 1).await.expect("read").is_none());
-    let latest = store.latest_snapshot(&key).await.expect("latest").expect("some");
-    assert_eq!((latest.meta.version, latest.data.as_slice()), (5, &b"v5"[..]));
+    let latest = store
+        .latest_snapshot(&key)
+        .await
+        .expect("latest")
+        .expect("some");
+    assert_eq!(
+        (latest.meta.version, latest.data.as_slice()),
+        (5, &b"v5"[..])
+    );
 
     // A new branch starts at version 1 and shows up in the branch list.
     let feature = WorkspaceKey::new(key.project_id, "feature/x");
@@ -332,7 +448,10 @@ async fn a_snapshot_trims_the_journal_entries_it_covers(db: TestDb) {
     for op in [b"a", b"b", b"c", b"d"] {
         seqs.push(store.append_journal(&key, &f, op).await.expect("append"));
     }
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "sequence increases: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "sequence increases: {seqs:?}"
+    );
     let entries = store.journal_after(&key, 0).await.expect("journal");
     let ops: Vec<&[u8]> = entries.iter().map(|e| e.op.as_slice()).collect();
     assert_eq!(ops, [b"a", b"b", b"c", b"d"]);
@@ -365,8 +484,14 @@ async fn a_snapshot_trims_the_journal_entries_it_covers(db: TestDb) {
 async fn a_claim_is_held_while_the_owner_heartbeats_and_taken_over_after_its_lease(db: TestDb) {
     let store = db.open().await;
     let (_, key) = project(store.as_ref()).await;
-    store.register_node("a", Some("a:1"), None).await.expect("a");
-    store.register_node("b", Some("b:1"), None).await.expect("b");
+    store
+        .register_node("a", Some("a:1"), None)
+        .await
+        .expect("a");
+    store
+        .register_node("b", Some("b:1"), None)
+        .await
+        .expect("b");
 
     let first = owned(store.claim(&key, "a", 60_000).await.expect("claim"));
     assert_eq!((first.server_tag.as_deref(), first.epoch), (Some("a"), 1));
@@ -392,9 +517,24 @@ async fn released_claims_keep_their_epoch_so_epochs_never_repeat(db: TestDb) {
     let (_, key) = project(store.as_ref()).await;
     store.register_node("a", None, None).await.expect("a");
     let claim = owned(store.claim(&key, "a", 5_000).await.expect("claim"));
-    assert!(!store.release_claim(&key, &fence("a", claim.epoch + 1)).await.expect("stale"));
-    assert!(!store.release_claim(&key, &fence("b", claim.epoch)).await.expect("not b's"));
-    assert!(store.release_claim(&key, &fence("a", claim.epoch)).await.expect("release"));
+    assert!(
+        !store
+            .release_claim(&key, &fence("a", claim.epoch + 1))
+            .await
+            .expect("stale")
+    );
+    assert!(
+        !store
+            .release_claim(&key, &fence("b", claim.epoch))
+            .await
+            .expect("not b's")
+    );
+    assert!(
+        store
+            .release_claim(&key, &fence("a", claim.epoch))
+            .await
+            .expect("release")
+    );
     let released = store.claim_of(&key).await.expect("row").expect("row stays");
     assert_eq!((released.server_tag, released.epoch), (None, claim.epoch));
     let next = owned(store.claim(&key, "a", 5_000).await.expect("reclaim"));
@@ -418,11 +558,17 @@ async fn a_stale_fence_cannot_append_to_the_journal_or_store_a_snapshot(db: Test
     let new = owned(store.claim(&key, "b", 30).await.expect("takeover"));
 
     let refused = store.append_journal(&key, &old_fence, b"after").await;
-    assert!(matches!(refused, Err(StoreError::Fenced { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { .. })),
+        "{refused:?}"
+    );
     let refused = store
         .put_snapshot(&key, snapshot(b"stale", 0, 10), Some(&old_fence))
         .await;
-    assert!(matches!(refused, Err(StoreError::Fenced { .. })), "{refused:?}");
+    assert!(
+        matches!(refused, Err(StoreError::Fenced { .. })),
+        "{refused:?}"
+    );
 
     let ops: Vec<Vec<u8>> = store
         .journal_after(&key, 0)
@@ -475,22 +621,54 @@ async fn reference_counts_follow_session_rows(db: TestDb) {
     owned(store.claim(&key, "n1", 5_000).await.expect("claim"));
     let fresh = store.claim_of(&key).await.expect("row").expect("exists");
     assert_eq!(fresh.ref_count, 0);
-    assert!(fresh.time_zeroed.is_some(), "an unused claim counts as idle");
+    assert!(
+        fresh.time_zeroed.is_some(),
+        "an unused claim counts as idle"
+    );
 
-    assert_eq!(store.attach_session(&session("s1", &key, owner, "n1")).await.expect("attach"), 1);
-    assert_eq!(store.attach_session(&session("s2", &key, owner, "n1")).await.expect("attach"), 2);
-    let duplicate = store.attach_session(&session("s2", &key, owner, "n1")).await;
-    assert!(matches!(duplicate, Err(StoreError::Conflict(_))), "{duplicate:?}");
+    assert_eq!(
+        store
+            .attach_session(&session("s1", &key, owner, "n1"))
+            .await
+            .expect("attach"),
+        1
+    );
+    assert_eq!(
+        store
+            .attach_session(&session("s2", &key, owner, "n1"))
+            .await
+            .expect("attach"),
+        2
+    );
+    let duplicate = store
+        .attach_session(&session("s2", &key, owner, "n1"))
+        .await;
+    assert!(
+        matches!(duplicate, Err(StoreError::Conflict(_))),
+        "{duplicate:?}"
+    );
     let busy = store.claim_of(&key).await.expect("row").expect("exists");
     assert_eq!((busy.ref_count, busy.time_zeroed), (2, None));
     assert_eq!(store.sessions_of(&key).await.expect("sessions").len(), 2);
 
-    assert_eq!(store.detach_session("s1").await.expect("detach"), Some((key.clone(), 1)));
-    assert_eq!(store.detach_session("s1").await.expect("detach again"), None);
-    assert_eq!(store.detach_session("s2").await.expect("detach"), Some((key.clone(), 0)));
+    assert_eq!(
+        store.detach_session("s1").await.expect("detach"),
+        Some((key.clone(), 1))
+    );
+    assert_eq!(
+        store.detach_session("s1").await.expect("detach again"),
+        None
+    );
+    assert_eq!(
+        store.detach_session("s2").await.expect("detach"),
+        Some((key.clone(), 0))
+    );
     let idle = store.claim_of(&key).await.expect("row").expect("exists");
     assert_eq!(idle.ref_count, 0);
-    assert!(idle.time_zeroed.is_some(), "time_zeroed is set when the count reaches zero");
+    assert!(
+        idle.time_zeroed.is_some(),
+        "time_zeroed is set when the count reaches zero"
+    );
 }
 
 async fn concurrent_attach_and_detach_never_drift_the_count(db: TestDb) {
@@ -524,9 +702,17 @@ async fn wiping_a_server_tag_removes_its_sessions_and_claims_only(db: TestDb) {
     let (owner, key) = project(store.as_ref()).await;
     let other_key = WorkspaceKey::new(key.project_id, "other");
     store.register_node("dead", None, None).await.expect("node");
-    store.register_node("alive", None, None).await.expect("node");
+    store
+        .register_node("alive", None, None)
+        .await
+        .expect("node");
     owned(store.claim(&key, "dead", 5_000).await.expect("claim"));
-    owned(store.claim(&other_key, "alive", 5_000).await.expect("claim"));
+    owned(
+        store
+            .claim(&other_key, "alive", 5_000)
+            .await
+            .expect("claim"),
+    );
     for (id, tag) in [("d1", "dead"), ("d2", "dead"), ("a1", "alive")] {
         store
             .attach_session(&session(id, &key, owner, tag))
@@ -550,9 +736,19 @@ async fn wiping_a_server_tag_removes_its_sessions_and_claims_only(db: TestDb) {
     assert_eq!(sessions, ["a1"]);
     let released = store.claim_of(&key).await.expect("row").expect("exists");
     assert_eq!((released.server_tag, released.ref_count), (None, 1));
-    let untouched = store.claim_of(&other_key).await.expect("row").expect("exists");
-    assert_eq!((untouched.server_tag.as_deref(), untouched.ref_count), (Some("alive"), 1));
-    assert_eq!(store.wipe_server_tag("dead").await.expect("again"), Default::default());
+    let untouched = store
+        .claim_of(&other_key)
+        .await
+        .expect("row")
+        .expect("exists");
+    assert_eq!(
+        (untouched.server_tag.as_deref(), untouched.ref_count),
+        (Some("alive"), 1)
+    );
+    assert_eq!(
+        store.wipe_server_tag("dead").await.expect("again"),
+        Default::default()
+    );
 }
 
 async fn nodes_are_live_while_their_heartbeat_is_fresh(db: TestDb) {

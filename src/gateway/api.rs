@@ -148,7 +148,10 @@ pub async fn add_user(
     )
     .await?;
     tracing::info!(user = %user.username, by = %caller.user.username, "user created");
-    Ok((StatusCode::CREATED, Json(AddUserResponse { user, password })))
+    Ok((
+        StatusCode::CREATED,
+        Json(AddUserResponse { user, password }),
+    ))
 }
 
 /// A project as one caller sees it.

@@ -34,11 +34,15 @@ impl FromRequestParts<AppState> for AuthUser {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer_token(parts)?;
         let token_hash = hash_token(token);
-        let session = state.store.auth_session(&token_hash).await?.ok_or_else(|| {
-            ApiError::unauthorized(
-                "the token is not valid (revoked or never issued); log in again",
-            )
-        })?;
+        let session = state
+            .store
+            .auth_session(&token_hash)
+            .await?
+            .ok_or_else(|| {
+                ApiError::unauthorized(
+                    "the token is not valid (revoked or never issued); log in again",
+                )
+            })?;
         if session.expired {
             return Err(ApiError::unauthorized(
                 "the token has expired; log in again with POST /api/auth/login",
@@ -75,9 +79,7 @@ fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| {
-            ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-        })?
+        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?
         .trim();
     if token.is_empty() {
         return Err(missing());
@@ -195,7 +197,10 @@ pub async fn create_user(
             "display_name must be at most 200 characters with no control characters",
         ));
     }
-    if email.len() > 254 || !email.contains('@') || email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if email.len() > 254
+        || !email.contains('@')
+        || email.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(ApiError::bad_request(format!(
             "email {email:?} is not an email address"
         )));
@@ -218,7 +223,10 @@ pub async fn create_user(
 pub fn validate_username(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 64
-        && name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));

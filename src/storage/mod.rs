@@ -398,8 +398,12 @@ pub trait Store: Send + Sync + 'static {
     // ---- journal
     /// Appends an operation under a fence; returns its sequence number, or
     /// `Fenced` if the fence is no longer the current claim.
-    async fn append_journal(&self, key: &WorkspaceKey, fence: &Fence, op: &[u8])
-    -> StoreResult<i64>;
+    async fn append_journal(
+        &self,
+        key: &WorkspaceKey,
+        fence: &Fence,
+        op: &[u8],
+    ) -> StoreResult<i64>;
     /// Entries with a sequence number above `after_seq`, in order.
     async fn journal_after(
         &self,

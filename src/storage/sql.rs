@@ -195,14 +195,12 @@ impl SqlStore {
         .fetch_one(&mut **tx)
         .await?;
         let version: i64 = row.try_get("version")?;
-        sqlx::query(
-            "DELETE FROM journal WHERE project_id = $1 AND branch = $2 AND seq <= $3",
-        )
-        .bind(key.project_id)
-        .bind(key.branch.as_str())
-        .bind(snapshot.journal_seq)
-        .execute(&mut **tx)
-        .await?;
+        sqlx::query("DELETE FROM journal WHERE project_id = $1 AND branch = $2 AND seq <= $3")
+            .bind(key.project_id)
+            .bind(key.branch.as_str())
+            .bind(snapshot.journal_seq)
+            .execute(&mut **tx)
+            .await?;
         sqlx::query(
             "DELETE FROM git_snapshots WHERE project_id = $1 AND branch = $2 AND version <= $3",
         )
@@ -404,10 +402,14 @@ impl Store for SqlStore {
     }
 
     async fn user_by_id(&self, id: i64) -> StoreResult<Option<User>> {
-        let row = sqlx::query(concat!("SELECT ", user_columns!(), " FROM users u WHERE u.id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users u WHERE u.id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
         Ok(row.as_ref().map(user).transpose()?)
     }
 
@@ -427,9 +429,13 @@ impl Store for SqlStore {
     }
 
     async fn list_users(&self) -> StoreResult<Vec<User>> {
-        let rows = sqlx::query(concat!("SELECT ", user_columns!(), " FROM users u ORDER BY u.id"))
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            user_columns!(),
+            " FROM users u ORDER BY u.id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
         all(rows, user)
     }
 
@@ -580,13 +586,12 @@ impl Store for SqlStore {
     }
 
     async fn member_role(&self, project_id: i64, user_id: i64) -> StoreResult<Option<Role>> {
-        let row = sqlx::query(
-            "SELECT role FROM project_members WHERE project_id = $1 AND user_id = $2",
-        )
-        .bind(project_id)
-        .bind(user_id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row =
+            sqlx::query("SELECT role FROM project_members WHERE project_id = $1 AND user_id = $2")
+                .bind(project_id)
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?;
         Ok(row.as_ref().map(role).transpose()?)
     }
 
@@ -618,20 +623,30 @@ impl Store for SqlStore {
         .bind(role.as_str())
         .execute(&mut *tx)
         .await?;
-        ensure_an_owner(&mut tx, project_id, "that would leave the project without an owner")
-            .await?;
+        ensure_an_owner(
+            &mut tx,
+            project_id,
+            "that would leave the project without an owner",
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn remove_member(&self, project_id: i64, user_id: i64) -> StoreResult<bool> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query("DELETE FROM project_members WHERE project_id = $1 AND user_id = $2")
-            .bind(project_id)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        ensure_an_owner(&mut tx, project_id, "cannot remove the project's last owner").await?;
+        let done =
+            sqlx::query("DELETE FROM project_members WHERE project_id = $1 AND user_id = $2")
+                .bind(project_id)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        ensure_an_owner(
+            &mut tx,
+            project_id,
+            "cannot remove the project's last owner",
+        )
+        .await?;
         tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }

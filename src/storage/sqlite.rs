@@ -36,5 +36,8 @@ pub(crate) async fn configure(conn: &mut AnyConnection) -> Result<(), sqlx::Erro
 
 /// The URL of the default database file in a data dir, created if missing.
 pub fn default_url(data_dir: &Path) -> String {
-    format!("sqlite://{}?mode=rwc", data_dir.join("branchd.db").display())
+    format!(
+        "sqlite://{}?mode=rwc",
+        data_dir.join("branchd.db").display()
+    )
 }

@@ -120,8 +120,14 @@ mod tests {
         let dest = tempfile::tempdir().expect("dest");
         let done = unpack(&blob, dest.path(), 1 << 20).expect("unpack");
 
-        assert_eq!(std::fs::read(dest.path().join("a/b/c.txt")).expect("c"), b"hello");
-        assert_eq!(std::fs::read(dest.path().join("top.txt")).expect("top"), b"top");
+        assert_eq!(
+            std::fs::read(dest.path().join("a/b/c.txt")).expect("c"),
+            b"hello"
+        );
+        assert_eq!(
+            std::fs::read(dest.path().join("top.txt")).expect("top"),
+            b"top"
+        );
         assert!(dest.path().join("empty").is_dir());
         assert_eq!(done.files, 2);
         assert_eq!(done.bytes, 8);
@@ -133,7 +139,14 @@ mod tests {
         let dest = tempfile::tempdir().expect("dest");
         let err = unpack(&blob, dest.path(), 1 << 20).expect_err("must refuse");
         assert!(matches!(err, SnapshotError::UnsafeEntry { .. }), "{err}");
-        assert!(!dest.path().parent().expect("parent").join("evil.txt").exists());
+        assert!(
+            !dest
+                .path()
+                .parent()
+                .expect("parent")
+                .join("evil.txt")
+                .exists()
+        );
     }
 
     #[test]

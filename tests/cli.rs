@@ -1,0 +1,263 @@
+//! The `branchd` binary as a user runs it: a real process, started from an
+//! empty directory on the embedded default, driven over HTTP, stopped with
+//! SIGTERM. Also the README promise that every setting is documented.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_branchd");
+
+/// `branchd` with no `BRANCHD_*` or `DATABASE_URL` from the test's
+/// environment, run in `dir`: what a fresh user gets.
+fn branchd(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("BRANCHD_") || name == "DATABASE_URL" {
+            command.env_remove(name);
+        }
+    }
+    command.current_dir(dir).env("BRANCHD_LOG", "warn");
+    command
+}
+
+/// A `branchd serve` process and the lines it printed on stdout.
+struct Served {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    printed: Vec<String>,
+    base: String,
+}
+
+impl Served {
+    fn start(dir: &Path) -> Served {
+        let mut child = branchd(dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn branchd serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (send, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut printed = Vec::new();
+        let base = loop {
+            let line = lines
+                .recv_timeout(Duration::from_secs(60))
+                .expect("branchd printed its address within 60 s");
+            if let Some(addr) = line.strip_prefix("branchd: listening on ") {
+                break addr.to_string();
+            }
+            printed.push(line);
+        };
+        Served {
+            child,
+            lines,
+            printed,
+            base,
+        }
+    }
+
+    fn admin_password(&self) -> Option<String> {
+        self.printed.iter().find_map(|line| {
+            line.split_once("with password: ")
+                .map(|(_, password)| password.to_string())
+        })
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    fn terminate(mut self) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "branchd exited with {status}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit within 20 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Anything printed after start-up is over; drain it.
+        while self.lines.try_recv().is_ok() {}
+    }
+}
+
+async fn login(http: &reqwest::Client, base: &str, username: &str, password: &str) -> String {
+    let response = http
+        .post(format!("{base}/api/auth/login"))
+        .json(&json!({"username": username, "password": password}))
+        .send()
+        .await
+        .expect("login request");
+    assert_eq!(response.status(), 200, "login as {username}");
+    let body: Value = response.json().await.expect("json");
+    body["token"].as_str().expect("token").to_string()
+}
+
+#[tokio::test]
+async fn serve_on_a_fresh_dir_prints_the_admin_password_once_and_keeps_data() {
+    let dir = tempfile::tempdir().expect("dir");
+    let http = reqwest::Client::new();
+
+    let first = Served::start(dir.path());
+    let password = first
+        .admin_password()
+        .expect("the first start prints the admin password");
+    let token = login(&http, &first.base, "admin", &password).await;
+    let created = http
+        .post(format!("{}/api/projects", first.base))
+        .bearer_auth(&token)
+        .json(&json!({"name": "Demo"}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), 201);
+    first.terminate();
+    assert!(
+        dir.path().join("data/branchd.db").exists(),
+        "SQLite under ./data"
+    );
+
+    let second = Served::start(dir.path());
+    assert_eq!(
+        second.admin_password(),
+        None,
+        "the password is printed only once"
+    );
+    let token = login(&http, &second.base, "admin", &password).await;
+    let list: Value = http
+        .get(format!("{}/api/projects", second.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(list[0]["name"], "Demo", "the project survived the restart");
+    second.terminate();
+}
+
+#[tokio::test]
+async fn user_add_prints_a_password_that_logs_in() {
+    let dir = tempfile::tempdir().expect("dir");
+    let output = branchd(dir.path())
+        .args(["user", "add", "bob", "--email", "bob@example.com"])
+        .output()
+        .expect("run user add");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let password = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("password: "))
+        .expect("a printed password")
+        .to_string();
+    let again = branchd(dir.path())
+        .args(["user", "add", "bob"])
+        .output()
+        .expect("run user add again");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    let served = Served::start(dir.path());
+    assert_eq!(
+        served.admin_password(),
+        None,
+        "a user exists: no admin is made"
+    );
+    let http = reqwest::Client::new();
+    let token = login(&http, &served.base, "bob", &password).await;
+    let me: Value = http
+        .get(format!("{}/api/me", served.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("me")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(me["email"], "bob@example.com");
+    served.terminate();
+}
+
+#[test]
+fn migrate_applies_migrations_and_bad_urls_are_explained() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ok = branchd(dir.path())
+        .arg("migrate")
+        .output()
+        .expect("migrate");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("migrations applied"));
+
+    let bad = branchd(dir.path())
+        .args(["migrate", "--database-url", "mysql://x"])
+        .output()
+        .expect("migrate");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("sqlite://PATH or postgres://"));
+
+    let bad_duration = branchd(dir.path())
+        .args(["serve", "--gc-interval", "soon"])
+        .output()
+        .expect("serve");
+    assert!(!bad_duration.status.success());
+    assert!(String::from_utf8_lossy(&bad_duration.stderr).contains("500ms, 20s"));
+}
+
+#[test]
+fn readme_documents_every_setting() {
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md");
+    let dir = tempfile::tempdir().expect("dir");
+    let mut variables = Vec::new();
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["user", "add", "--help"],
+    ] {
+        let help = branchd(dir.path()).args(args).output().expect("help");
+        assert!(help.status.success());
+        let text = String::from_utf8_lossy(&help.stdout).into_owned();
+        for part in text.split("[env: ").skip(1) {
+            let name: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                .collect();
+            variables.push(name);
+        }
+    }
+    variables.sort();
+    variables.dedup();
+    assert!(variables.len() >= 15, "found only {variables:?}");
+    let undocumented: Vec<&String> = variables
+        .iter()
+        .filter(|name| !readme.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "README.md's configuration table lacks {undocumented:?}"
+    );
+}
