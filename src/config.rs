@@ -70,7 +70,7 @@ impl DatabaseConfig {
 /// Everything `branchd serve` needs.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
-    /// Address and port of the HTTP and WebSocket server.
+    /// Address and port of the HTTP server.
     #[arg(long, env = "BRANCHD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 

@@ -13,7 +13,7 @@ use branchd::server::{ADMIN_USERNAME, Server};
 use branchd::storage::{self, redact_url};
 
 /// branchd keeps one live git working copy per (project, branch) and serves
-/// it to editor clients over WebSocket.
+/// it to editor clients.
 #[derive(Parser)]
 #[command(name = "branchd", version, propagate_version = true)]
 struct Cli {
@@ -58,7 +58,7 @@ enum UserCommand {
         #[command(flatten)]
         database: DatabaseConfig,
     },
-    /// Give a user a new generated password (printed) and keep their tokens.
+    /// Give a user a new generated password (printed); their login tokens are revoked.
     Passwd {
         name: String,
         #[command(flatten)]
@@ -95,7 +95,6 @@ async fn main() -> ExitCode {
     match run(cli.command).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!("{err:#}");
             eprintln!("branchd: {err:#}");
             ExitCode::FAILURE
         }
@@ -106,14 +105,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(config) => serve(*config).await,
         Command::Migrate(database) => {
-            let url = database.url();
-            if let Some(parent) = sqlite_parent(&database) {
-                std::fs::create_dir_all(parent)?;
-            }
-            storage::open(&url, 1)
-                .await
-                .with_context(|| format!("migrating {}", redact_url(&url)))?;
-            println!("migrations applied to {}", redact_url(&url));
+            open_store(&database).await?;
+            println!("migrations applied to {}", redact_url(&database.url()));
             Ok(())
         }
         Command::User { command } => user(command).await,
@@ -144,22 +137,11 @@ async fn shutdown_signal() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The data dir must exist before SQLite can create its file in it.
-fn sqlite_parent(database: &DatabaseConfig) -> Option<&std::path::Path> {
-    database
-        .url()
-        .starts_with("sqlite:")
-        .then_some(database.data_dir.as_path())
-}
-
 async fn open_store(
     database: &DatabaseConfig,
 ) -> anyhow::Result<std::sync::Arc<dyn storage::Store>> {
-    if let Some(parent) = sqlite_parent(database) {
-        std::fs::create_dir_all(parent)?;
-    }
     let url = database.url();
-    storage::open(&url, 2)
+    storage::open(&url, database.db_max_connections)
         .await
         .with_context(|| format!("opening the database {}", redact_url(&url)))
 }

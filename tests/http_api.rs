@@ -443,7 +443,7 @@ async fn unknown_things_get_not_found(db: TestDb) {
     let wrong_method = server
         .send(Method::PUT, "/api/projects", Some(&token), None)
         .await;
-    assert_error(&wrong_method, 405, "bad_request", "PUT");
+    assert_error(&wrong_method, 400, "bad_request", "PUT");
     server.stop().await;
 }
 

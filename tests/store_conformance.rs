@@ -137,9 +137,18 @@ async fn users_are_unique_and_found_by_name_and_id(db: TestDb) {
     assert_eq!(store.user_count().await.expect("count"), 1);
 
     store
+        .create_auth_session("t", id, 60_000)
+        .await
+        .expect("token");
+    store
         .set_password(id, "new-hash")
         .await
         .expect("set password");
+    assert_eq!(
+        store.auth_session("t").await.expect("query"),
+        None,
+        "a new password revokes the user's tokens"
+    );
     let (_, hash) = store
         .user_by_name("ada")
         .await

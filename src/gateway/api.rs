@@ -5,6 +5,8 @@
 //! (workspaces), an owner also manages members and deletes. Administrators
 //! act as owners of every project. docs/operations.md documents every route.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,8 +17,11 @@ use super::auth::{self, AuthUser, UserSpec};
 use super::error::ApiError;
 use super::{ApiJson, ApiPath, AppState};
 use crate::protocol::ErrorCode;
-use crate::storage::{Member, NewSnapshot, Project, Role, User};
+use crate::storage::{Member, NewSnapshot, Project, Role, StoreError, User};
 use crate::workspace::{self, repo::GitAuthor};
+
+/// How long `/readyz` waits for the database before answering 503.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The branch every new project starts with.
 pub const DEFAULT_BRANCH: &str = "main";
@@ -32,7 +37,15 @@ pub async fn healthz() -> Json<Status> {
 
 /// Ready when the database answers and every migration is applied.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
-    match state.store.ready().await {
+    let checked = tokio::time::timeout(READY_TIMEOUT, state.store.ready())
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Config(format!(
+                "no answer within {} s",
+                READY_TIMEOUT.as_secs()
+            )))
+        });
+    match checked {
         Ok(true) => Ok(Json(Status { status: "ready" })),
         Ok(false) => Err(ApiError::new(
             ErrorCode::Unavailable,
@@ -75,7 +88,10 @@ pub async fn login(
     let valid = auth::verify_password(request.password, hash).await;
     let user = match (user, valid) {
         (Some(user), true) => user,
-        _ => return Err(ApiError::unauthorized("wrong username or password")),
+        _ => {
+            tracing::warn!(username = %request.username, "failed login");
+            return Err(ApiError::unauthorized("wrong username or password"));
+        }
     };
     let token = auth::generate_token()?;
     let ttl_ms = i64::try_from(state.config.token_ttl.as_millis()).unwrap_or(i64::MAX / 2);
@@ -184,15 +200,16 @@ pub async fn list_projects(
         .map(|(project, role)| ProjectView { project, role })
         .collect();
     if caller.user.is_admin {
-        for project in state.store.all_projects().await? {
-            if !views.iter().any(|v| v.project.id == project.id) {
-                views.push(ProjectView {
-                    project,
-                    role: Role::Owner,
-                });
-            }
-        }
-        views.sort_by_key(|v| v.project.id);
+        views = state
+            .store
+            .all_projects()
+            .await?
+            .into_iter()
+            .map(|project| ProjectView {
+                project,
+                role: Role::Owner,
+            })
+            .collect();
     }
     Ok(Json(views))
 }
@@ -255,9 +272,11 @@ async fn access(state: &AppState, caller: &AuthUser, id: i64) -> Result<(Project
         .project(id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("project {id} does not exist")))?;
+    if caller.user.is_admin {
+        return Ok((project, Role::Owner));
+    }
     match state.store.member_role(id, caller.user.id).await? {
         Some(role) => Ok((project, role)),
-        None if caller.user.is_admin => Ok((project, Role::Owner)),
         None => Err(ApiError::forbidden(format!(
             "you are not a member of project {id}; ask one of its owners to add you"
         ))),
@@ -329,6 +348,7 @@ pub async fn set_member(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no user named {:?}", request.username)))?;
     state.store.set_member(id, user.id, new_role).await?;
+    tracing::info!(project = id, member = %user.username, role = new_role.as_str(), by = %caller.user.username, "member set");
     Ok(Json(state.store.members(id).await?))
 }
 
@@ -349,5 +369,6 @@ pub async fn remove_member(
             "{username:?} is not a member of project {id}"
         )));
     }
+    tracing::info!(project = id, member = %username, by = %caller.user.username, "member removed");
     Ok(StatusCode::NO_CONTENT)
 }

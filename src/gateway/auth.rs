@@ -192,7 +192,7 @@ pub async fn create_user(
         .email
         .filter(|e| !e.trim().is_empty())
         .unwrap_or_else(|| format!("{}@branchd.invalid", spec.username));
-    if display_name.len() > 200 || display_name.chars().any(char::is_control) {
+    if display_name.chars().count() > 200 || display_name.chars().any(char::is_control) {
         return Err(ApiError::bad_request(
             "display_name must be at most 200 characters with no control characters",
         ));
@@ -239,9 +239,9 @@ pub fn validate_username(name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Checks a chosen password: at least 8 and at most 1024 bytes.
+/// Checks a chosen password: at least 8 characters and at most 1024 bytes.
 pub fn validate_password(password: &str) -> Result<(), ApiError> {
-    if password.len() < 8 {
+    if password.chars().count() < 8 {
         return Err(ApiError::bad_request(
             "password is too short: use at least 8 characters",
         ));

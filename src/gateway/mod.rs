@@ -16,12 +16,13 @@ use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use axum::http::{Method, Uri};
+use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
 
 use crate::config::Config;
 use crate::protocol::ErrorCode;
@@ -68,10 +69,14 @@ pub fn router(state: AppState) -> Router {
             .into_response()
         }))
         .layer(
-            // Log the path only: query strings may carry access tokens.
-            TraceLayer::new_for_http().make_span_with(|request: &Request| {
-                tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
-            }),
+            // One line per request at info. Log the path only: query
+            // strings may carry access tokens.
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    tracing::info_span!("http", method = %request.method(), path = %request.uri().path())
+                })
+                .on_request(())
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .with_state(state)
 }
@@ -80,14 +85,13 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     ApiError::not_found(format!("no such endpoint: {method} {}", uri.path()))
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> Response {
-    let err = ApiError::bad_request(format!(
+/// A known path with the wrong method: `bad_request` (400), like any other
+/// malformed request, so that status and code always agree.
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::bad_request(format!(
         "{} does not accept {method}; see docs/operations.md for the API",
         uri.path()
-    ));
-    let mut response = err.into_response();
-    *response.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-    response
+    ))
 }
 
 /// A JSON body whose rejections are [`ApiError`]s (`bad_request`, `too_large`).

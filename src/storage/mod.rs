@@ -313,6 +313,7 @@ pub trait Store: Send + Sync + 'static {
     /// The user and their password hash.
     async fn user_by_name(&self, username: &str) -> StoreResult<Option<(User, String)>>;
     async fn list_users(&self) -> StoreResult<Vec<User>>;
+    /// Replaces a user's password hash and revokes all of their login tokens.
     async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()>;
     /// Stores a token (by its hash) valid for `ttl_ms`; returns its expiry.
     async fn create_auth_session(

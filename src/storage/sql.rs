@@ -71,7 +71,13 @@ impl SqlStore {
             ),
             Backend::Postgres => (options, &postgres::DIALECT),
         };
-        let pool = options.connect(url).await?;
+        let url = match backend {
+            Backend::Sqlite => sqlite::prepare_url(url).map_err(|e| {
+                StoreError::Config(format!("creating the directory of {url:?}: {e}"))
+            })?,
+            Backend::Postgres => url.to_string(),
+        };
+        let pool = options.connect(&url).await?;
         Ok(SqlStore {
             pool,
             backend,
@@ -440,14 +446,20 @@ impl Store for SqlStore {
     }
 
     async fn set_password(&self, user_id: i64, password_hash: &str) -> StoreResult<()> {
+        let mut tx = self.begin_write().await?;
         let done = sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
             .bind(user_id)
             .bind(password_hash)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!("no user with id {user_id}")));
         }
+        sqlx::query("DELETE FROM auth_sessions WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
