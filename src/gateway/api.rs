@@ -17,7 +17,7 @@ use super::auth::{self, AuthUser, UserSpec};
 use super::error::ApiError;
 use super::{ApiJson, ApiPath, AppState};
 use crate::protocol::ErrorCode;
-use crate::storage::{Member, NewSnapshot, Project, Role, StoreError, User};
+use crate::storage::{Member, NewSnapshot, Project, Role, User};
 use crate::workspace::{self, repo::GitAuthor};
 
 /// How long `/readyz` waits for the database before answering 503.
@@ -37,26 +37,23 @@ pub async fn healthz() -> Json<Status> {
 
 /// Ready when the database answers and every migration is applied.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
-    let checked = tokio::time::timeout(READY_TIMEOUT, state.store.ready())
-        .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Config(format!(
-                "no answer within {} s",
-                READY_TIMEOUT.as_secs()
-            )))
-        });
-    match checked {
-        Ok(true) => Ok(Json(Status { status: "ready" })),
-        Ok(false) => Err(ApiError::new(
+    let unreachable = || ApiError::new(ErrorCode::Unavailable, "the database is unreachable");
+    match tokio::time::timeout(READY_TIMEOUT, state.store.ready()).await {
+        Ok(Ok(true)) => Ok(Json(Status { status: "ready" })),
+        Ok(Ok(false)) => Err(ApiError::new(
             ErrorCode::Unavailable,
             "database migrations are not all applied; run `branchd migrate`",
         )),
-        Err(err) => {
+        Ok(Err(err)) => {
             tracing::warn!(error = %err, "readiness check failed");
-            Err(ApiError::new(
-                ErrorCode::Unavailable,
-                "the database is unreachable",
-            ))
+            Err(unreachable())
+        }
+        Err(_) => {
+            tracing::warn!(
+                "readiness check failed: the database did not answer within {} s",
+                READY_TIMEOUT.as_secs()
+            );
+            Err(unreachable())
         }
     }
 }
