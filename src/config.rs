@@ -131,6 +131,14 @@ pub struct Config {
     #[arg(long, env = "BRANCHD_MAX_PATH", default_value_t = 1024)]
     pub max_path: usize,
 
+    /// How long an edit lock lasts when the client names no ttl.
+    #[arg(long, env = "BRANCHD_LOCK_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub lock_ttl: Duration,
+
+    /// Longest edit lock a client may ask for.
+    #[arg(long, env = "BRANCHD_MAX_LOCK_TTL", default_value = "10m", value_parser = parse_duration)]
+    pub max_lock_ttl: Duration,
+
     /// Snapshot versions kept per branch (older ones are deleted on save).
     #[arg(long, env = "BRANCHD_SNAPSHOTS_KEPT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub snapshots_kept: u32,

@@ -21,6 +21,7 @@ on_both_backends!(
     members_can_change_but_a_project_always_keeps_an_owner,
     deleting_a_project_removes_everything_under_it,
     snapshots_are_versioned_never_overwritten_and_trimmed_to_keep,
+    a_branch_is_created_once_even_when_two_try_at_once,
     a_snapshot_trims_the_journal_entries_it_covers,
     a_claim_is_held_while_the_owner_heartbeats_and_taken_over_after_its_lease,
     released_claims_keep_their_epoch_so_epochs_never_repeat,
@@ -782,4 +783,51 @@ async fn nodes_are_live_while_their_heartbeat_is_fresh(db: TestDb) {
     assert!(store.live_nodes(30).await.expect("live").is_empty());
     assert!(store.remove_node("n1").await.expect("remove"));
     assert!(store.live_nodes(60_000).await.expect("live").is_empty());
+}
+
+async fn a_branch_is_created_once_even_when_two_try_at_once(db: TestDb) {
+    let store = db.open().await;
+    let (_, key) = project(store.as_ref()).await;
+    let feature = WorkspaceKey::new(key.project_id, "feature");
+    let attempts: Vec<_> = (0..8)
+        .map(|i| {
+            let store: Arc<dyn Store> = store.clone();
+            let feature = feature.clone();
+            tokio::spawn(async move {
+                store
+                    .create_branch(&feature, snapshot(format!("try {i}").as_bytes(), 0, 10))
+                    .await
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for attempt in attempts {
+        match attempt.await.expect("task") {
+            Ok(meta) => {
+                created += 1;
+                assert_eq!(meta.version, 1);
+            }
+            Err(StoreError::Conflict(message)) => assert!(message.contains("feature"), "{message}"),
+            Err(other) => panic!("unexpected error {other}"),
+        }
+    }
+    assert_eq!(created, 1, "exactly one creation wins");
+    assert_eq!(store.list_snapshots(&feature).await.expect("list").len(), 1);
+    // An existing branch, even one whose version 1 was trimmed, is refused.
+    let existing = store.create_branch(&key, snapshot(b"again", 0, 10)).await;
+    assert!(
+        matches!(existing, Err(StoreError::Conflict(_))),
+        "{existing:?}"
+    );
+    for _ in 0..3 {
+        store
+            .put_snapshot(&key, snapshot(b"next", 0, 1), None)
+            .await
+            .expect("put");
+    }
+    let trimmed = store.create_branch(&key, snapshot(b"again", 0, 10)).await;
+    assert!(
+        matches!(trimmed, Err(StoreError::Conflict(_))),
+        "{trimmed:?}"
+    );
 }

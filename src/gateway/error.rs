@@ -8,7 +8,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::protocol::{ErrorBody, ErrorCode};
+use crate::protocol::{ErrorBody, ErrorCode, OpError};
 use crate::storage::StoreError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,24 +68,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<OpError> for ApiError {
+    fn from(err: OpError) -> Self {
+        ApiError::new(err.code, err.message)
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
-        match err {
-            StoreError::Conflict(message) => ApiError::conflict(message),
-            StoreError::NotFound(message) => ApiError::not_found(message),
-            StoreError::Fenced { .. } => ApiError::new(
-                ErrorCode::Unavailable,
-                "this node no longer owns the workspace; reconnect",
-            ),
-            StoreError::Database(e) => {
-                tracing::error!(error = %e, "database error");
-                ApiError::new(
-                    ErrorCode::Unavailable,
-                    "the database is unavailable; retry shortly",
-                )
-            }
-            other => ApiError::internal("storage", other),
-        }
+        OpError::from(err).into()
     }
 }
 

@@ -57,6 +57,30 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// How a storage failure reaches a client: the one mapping from store
+/// errors to protocol error codes, used by every boundary.
+impl From<StoreError> for crate::protocol::OpError {
+    fn from(err: StoreError) -> Self {
+        use crate::protocol::{ErrorCode, OpError};
+        match err {
+            StoreError::Conflict(message) => OpError::conflict(message, None),
+            StoreError::NotFound(message) => OpError::not_found(message),
+            StoreError::Fenced { .. } => OpError::new(
+                ErrorCode::Unavailable,
+                "this node no longer owns the workspace; reconnect",
+            ),
+            StoreError::Database(e) => {
+                tracing::error!(error = %e, "database error");
+                OpError::new(
+                    ErrorCode::Unavailable,
+                    "the database is unavailable; retry shortly",
+                )
+            }
+            other => OpError::internal("storage", other),
+        }
+    }
+}
+
 /// Which SQL backend a store speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -361,6 +385,13 @@ pub trait Store: Send + Sync + 'static {
         key: &WorkspaceKey,
         snapshot: NewSnapshot,
         fence: Option<&Fence>,
+    ) -> StoreResult<SnapshotMeta>;
+    /// Stores version 1 of a branch that has no snapshot yet; `Conflict` if
+    /// the branch already exists.
+    async fn create_branch(
+        &self,
+        key: &WorkspaceKey,
+        snapshot: NewSnapshot,
     ) -> StoreResult<SnapshotMeta>;
     async fn latest_snapshot(&self, key: &WorkspaceKey) -> StoreResult<Option<Snapshot>>;
     async fn snapshot(&self, key: &WorkspaceKey, version: i64) -> StoreResult<Option<Snapshot>>;

@@ -175,31 +175,45 @@ impl SqlStore {
         Ok(count)
     }
 
+    /// Inserts the next version of a branch (or, with `first_only`, version
+    /// 1 of a branch that has none: `Conflict` otherwise), trims the journal
+    /// it covers and old versions beyond `keep`.
     async fn insert_snapshot(
         &self,
         tx: &mut Transaction<'static, Any>,
         key: &WorkspaceKey,
         snapshot: &NewSnapshot,
+        first_only: bool,
     ) -> StoreResult<SnapshotMeta> {
         let sha256 = hex::encode(Sha256::digest(&snapshot.data));
-        let row = sqlx::query(self.dialect.sql(
+        let statement = if first_only {
+            "INSERT INTO git_snapshots \
+               (project_id, branch, version, data, sha256, size, journal_seq, author, created_at) \
+             SELECT $1, $2, 1, $3, $4, $5, $6, $7, {now} \
+             WHERE NOT EXISTS (SELECT 1 FROM git_snapshots WHERE project_id = $1 AND branch = $2) \
+             RETURNING version, created_at"
+        } else {
             "INSERT INTO git_snapshots \
                (project_id, branch, version, data, sha256, size, journal_seq, author, created_at) \
              VALUES ($1, $2, \
                (SELECT COALESCE(MAX(version), 0) + 1 FROM git_snapshots \
                 WHERE project_id = $1 AND branch = $2), \
                $3, $4, $5, $6, $7, {now}) \
-             RETURNING version, created_at",
-        ))
-        .bind(key.project_id)
-        .bind(key.branch.as_str())
-        .bind(snapshot.data.as_slice())
-        .bind(sha256.as_str())
-        .bind(snapshot.data.len() as i64)
-        .bind(snapshot.journal_seq)
-        .bind(snapshot.author.as_deref())
-        .fetch_one(&mut **tx)
-        .await?;
+             RETURNING version, created_at"
+        };
+        let exists = || StoreError::Conflict(format!("branch {:?} already exists", key.branch));
+        let row = sqlx::query(self.dialect.sql(statement))
+            .bind(key.project_id)
+            .bind(key.branch.as_str())
+            .bind(snapshot.data.as_slice())
+            .bind(sha256.as_str())
+            .bind(snapshot.data.len() as i64)
+            .bind(snapshot.journal_seq)
+            .bind(snapshot.author.as_deref())
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(|e| unique_violation(e, || exists().to_string()))?
+            .ok_or_else(exists)?;
         let version: i64 = row.try_get("version")?;
         sqlx::query("DELETE FROM journal WHERE project_id = $1 AND branch = $2 AND seq <= $3")
             .bind(key.project_id)
@@ -547,7 +561,12 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await?;
         let meta = self
-            .insert_snapshot(&mut tx, &WorkspaceKey::new(project.id, branch), &first)
+            .insert_snapshot(
+                &mut tx,
+                &WorkspaceKey::new(project.id, branch),
+                &first,
+                true,
+            )
             .await?;
         tx.commit().await?;
         Ok((project, meta))
@@ -673,7 +692,18 @@ impl Store for SqlStore {
         if let Some(fence) = fence {
             self.check_fence(&mut tx, key, fence).await?;
         }
-        let meta = self.insert_snapshot(&mut tx, key, &snapshot).await?;
+        let meta = self.insert_snapshot(&mut tx, key, &snapshot, false).await?;
+        tx.commit().await?;
+        Ok(meta)
+    }
+
+    async fn create_branch(
+        &self,
+        key: &WorkspaceKey,
+        snapshot: NewSnapshot,
+    ) -> StoreResult<SnapshotMeta> {
+        let mut tx = self.begin_write().await?;
+        let meta = self.insert_snapshot(&mut tx, key, &snapshot, true).await?;
         tx.commit().await?;
         Ok(meta)
     }

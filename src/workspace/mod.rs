@@ -1,12 +1,22 @@
-//! Working copies on disk: creating a project's first repository and moving
-//! a whole working dir in and out of a snapshot (tar.gz).
+//! Workspaces: the live working copy of one (project, branch).
 //!
-//! Everything here is blocking file and git work: callers run it with
-//! `tokio::task::spawn_blocking`, never on the async threads. This module
-//! must never touch the database or the network.
+//! [`WorkspaceActor`] owns one working copy and does every operation on it,
+//! one message at a time; [`Workspace`] is the handle callers use. Below it,
+//! plain blocking code: [`paths`] (what a client may name), [`files`]
+//! (versioned file operations), [`repo`] (git) and [`snapshot`] (tar.gz in
+//! and out). Only the actor touches the store (snapshots) and it never
+//! knows about sockets or HTTP.
 
+mod actor;
+pub mod files;
+pub mod paths;
 pub mod repo;
 pub mod snapshot;
+
+pub use actor::{
+    CALL_TIMEOUT, EventSink, SessionInfo, Welcome, Workspace, WorkspaceActor, WorkspaceArgs,
+    WorkspaceInfo, WorkspaceMsg, WorkspaceSettings,
+};
 
 use std::path::Path;
 

@@ -1,8 +1,19 @@
-//! Creating a project's first git repository.
+//! Git on a working copy: creating a project's first repository, and the
+//! status, diff, commit, log and branch operations clients ask for.
+//!
+//! Every function opens the repository itself (a `Repository` is not
+//! `Sync`) and is blocking: callers run it on the blocking pool.
 
 use std::path::Path;
 
-use git2::{Repository, RepositoryInitOptions, Signature};
+use git2::build::CheckoutBuilder;
+use git2::{
+    DiffFormat, DiffOptions, IndexAddOption, Repository, RepositoryInitOptions, Signature, Status,
+    StatusOptions, Time,
+};
+
+use super::paths::WorkPath;
+use crate::protocol::{CommitInfo, FileChange, OpError};
 
 /// Who a commit is by.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +49,266 @@ pub fn init_repository(
         &[],
     )?;
     Ok(commit.to_string())
+}
+
+fn git_error(context: &str, err: git2::Error) -> OpError {
+    OpError::internal(context, err)
+}
+
+fn open(dir: &Path) -> Result<Repository, OpError> {
+    Repository::open(dir).map_err(|e| git_error("opening the repository", e))
+}
+
+/// The checked-out branch's name and HEAD commit id.
+pub fn head(dir: &Path) -> Result<(String, String), OpError> {
+    let repo = open(dir)?;
+    let head = repo.head().map_err(|e| git_error("reading HEAD", e))?;
+    let branch = head.shorthand().ok().unwrap_or("HEAD").to_string();
+    let id = head
+        .peel_to_commit()
+        .map_err(|e| git_error("reading HEAD", e))?
+        .id()
+        .to_string();
+    Ok((branch, id))
+}
+
+/// What differs between the work tree and HEAD, path by path (what
+/// `git status` shows; clients never stage, so the index follows HEAD).
+pub fn status(dir: &Path) -> Result<Vec<FileChange>, OpError> {
+    let repo = open(dir)?;
+    let mut options = StatusOptions::new();
+    options
+        .include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .include_ignored(false);
+    let statuses = repo
+        .statuses(Some(&mut options))
+        .map_err(|e| git_error("reading the status", e))?;
+    let mut changes: Vec<FileChange> = statuses
+        .iter()
+        .filter_map(|entry| {
+            let path = entry.path().ok()?.to_string();
+            let flags = entry.status();
+            let status = if flags.intersects(Status::INDEX_NEW) {
+                "added"
+            } else if flags.intersects(Status::WT_NEW) {
+                "untracked"
+            } else if flags.intersects(Status::WT_DELETED | Status::INDEX_DELETED) {
+                "deleted"
+            } else if flags.intersects(Status::WT_RENAMED | Status::INDEX_RENAMED) {
+                "renamed"
+            } else if flags.intersects(Status::WT_TYPECHANGE | Status::INDEX_TYPECHANGE) {
+                "typechange"
+            } else if flags.intersects(Status::WT_MODIFIED | Status::INDEX_MODIFIED) {
+                "modified"
+            } else {
+                return None;
+            };
+            Some(FileChange {
+                path,
+                status: status.to_string(),
+            })
+        })
+        .collect();
+    changes.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(changes)
+}
+
+/// The unified diff of the work tree against HEAD, new files included, for
+/// the whole tree or below one path.
+pub fn diff(dir: &Path, path: Option<&WorkPath>) -> Result<String, OpError> {
+    let repo = open(dir)?;
+    let tree = repo
+        .head()
+        .and_then(|h| h.peel_to_tree())
+        .map_err(|e| git_error("reading HEAD", e))?;
+    let mut options = DiffOptions::new();
+    options
+        .include_untracked(true)
+        .recurse_untracked_dirs(true)
+        .show_untracked_content(true);
+    if let Some(path) = path.filter(|p| !p.is_root()) {
+        options
+            .pathspec(path.as_str())
+            .disable_pathspec_match(false);
+    }
+    let diff = repo
+        .diff_tree_to_workdir_with_index(Some(&tree), Some(&mut options))
+        .map_err(|e| git_error("computing the diff", e))?;
+    let mut text = Vec::new();
+    diff.print(DiffFormat::Patch, |_delta, _hunk, line| {
+        if matches!(line.origin(), '+' | '-' | ' ') {
+            text.push(line.origin() as u8);
+        }
+        text.extend_from_slice(line.content());
+        true
+    })
+    .map_err(|e| git_error("printing the diff", e))?;
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// Commits every change in the work tree, or only those at `paths`, as
+/// `author` at `time_ms`. Refuses (`conflict`) when nothing would change.
+pub fn commit(
+    dir: &Path,
+    message: &str,
+    paths: Option<&[WorkPath]>,
+    author: &GitAuthor,
+    time_ms: i64,
+) -> Result<String, OpError> {
+    let message = git2::message_prettify(message, None)
+        .map_err(|e| OpError::bad_request(format!("commit message is not usable: {e}")))?;
+    if message.trim().is_empty() {
+        return Err(OpError::bad_request("commit message is empty"));
+    }
+    let repo = open(dir)?;
+    let head = repo
+        .head()
+        .and_then(|h| h.peel_to_commit())
+        .map_err(|e| git_error("reading HEAD", e))?;
+    let mut index = repo
+        .index()
+        .map_err(|e| git_error("reading the index", e))?;
+    let staged = match paths {
+        None => index
+            .add_all(["*"], IndexAddOption::DEFAULT, None)
+            .and_then(|()| index.update_all(["*"], None)),
+        Some(paths) => paths.iter().try_for_each(|path| {
+            let on_disk = dir.join(path.as_str());
+            if on_disk.is_dir() {
+                let below = format!("{path}/*");
+                index
+                    .add_all([below.as_str()], IndexAddOption::DEFAULT, None)
+                    .and_then(|()| index.update_all([below.as_str()], None))
+            } else if on_disk.is_file() {
+                index.add_path(Path::new(path.as_str()))
+            } else {
+                // Gone from the work tree: drop it (file or directory) from the commit.
+                let _ = index.remove_path(Path::new(path.as_str()));
+                index.remove_dir(Path::new(path.as_str()), 0)
+            }
+        }),
+    };
+    staged.map_err(|e| git_error("staging the changes", e))?;
+    let tree_id = index
+        .write_tree()
+        .map_err(|e| git_error("writing the tree", e))?;
+    if tree_id == head.tree_id() {
+        return Err(OpError::conflict(
+            "nothing to commit: the named files match HEAD",
+            None,
+        ));
+    }
+    let tree = repo
+        .find_tree(tree_id)
+        .map_err(|e| git_error("reading the tree", e))?;
+    let when = Time::new(time_ms.div_euclid(1000), 0);
+    let signature = Signature::new(&author.name, &author.email, &when)
+        .map_err(|e| OpError::bad_request(format!("the author is not usable in git: {e}")))?;
+    let id = repo
+        .commit(
+            Some("HEAD"),
+            &signature,
+            &signature,
+            &message,
+            &tree,
+            &[&head],
+        )
+        .map_err(|e| git_error("committing", e))?;
+    index
+        .write()
+        .map_err(|e| git_error("writing the index", e))?;
+    Ok(id.to_string())
+}
+
+/// Up to `limit` commits reachable from HEAD, newest first.
+pub fn log(dir: &Path, limit: usize) -> Result<Vec<CommitInfo>, OpError> {
+    let repo = open(dir)?;
+    let mut walk = repo
+        .revwalk()
+        .map_err(|e| git_error("walking history", e))?;
+    walk.set_sorting(git2::Sort::TIME | git2::Sort::TOPOLOGICAL)
+        .and_then(|()| walk.push_head())
+        .map_err(|e| git_error("walking history", e))?;
+    walk.take(limit)
+        .map(|id| {
+            let commit = id
+                .and_then(|id| repo.find_commit(id))
+                .map_err(|e| git_error("reading a commit", e))?;
+            let author = commit.author();
+            Ok(CommitInfo {
+                id: commit.id().to_string(),
+                message: String::from_utf8_lossy(commit.message_bytes()).into_owned(),
+                author: String::from_utf8_lossy(author.name_bytes()).into_owned(),
+                email: String::from_utf8_lossy(author.email_bytes()).into_owned(),
+                time: commit.time().seconds() * 1000,
+            })
+        })
+        .collect()
+}
+
+/// Checks a new branch name the way git does (`git check-ref-format --branch`).
+pub fn validate_branch_name(name: &str) -> Result<(), OpError> {
+    let valid = name.len() <= 200
+        && !name.starts_with('-')
+        && git2::Branch::name_is_valid(name).unwrap_or(false);
+    if valid {
+        Ok(())
+    } else {
+        Err(OpError::bad_request(format!(
+            "{name:?} is not a valid branch name (see git check-ref-format)"
+        )))
+    }
+}
+
+/// A copy of the repository in `dir` with branch `name` created at HEAD and
+/// checked out (a clean work tree: uncommitted changes stay behind), made in
+/// a scratch dir under `scratch_root` and packed. Returns the snapshot and
+/// the branch's HEAD.
+pub fn branch_snapshot(
+    dir: &Path,
+    name: &str,
+    scratch_root: &Path,
+) -> Result<(Vec<u8>, String), OpError> {
+    validate_branch_name(name)?;
+    let scratch = tempfile::Builder::new()
+        .prefix("branch-")
+        .tempdir_in(scratch_root)
+        .map_err(|e| OpError::internal("creating a scratch dir", e))?;
+    copy_tree(&dir.join(".git"), &scratch.path().join(".git"))
+        .map_err(|e| OpError::internal("copying the repository", e))?;
+    let repo = open(scratch.path())?;
+    let head = repo
+        .head()
+        .and_then(|h| h.peel_to_commit())
+        .map_err(|e| git_error("reading HEAD", e))?;
+    repo.branch(name, &head, false).map_err(|e| {
+        OpError::conflict(
+            format!("branch {name:?} cannot be created: {}", e.message()),
+            None,
+        )
+    })?;
+    repo.set_head(&format!("refs/heads/{name}"))
+        .and_then(|()| repo.checkout_head(Some(CheckoutBuilder::new().force())))
+        .map_err(|e| git_error("checking out the new branch", e))?;
+    let data = super::snapshot::pack(scratch.path())
+        .map_err(|e| OpError::internal("packing the new branch", e))?;
+    Ok((data, head.id().to_string()))
+}
+
+/// Copies a directory tree of plain files and directories (links skipped).
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

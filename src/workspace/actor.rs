@@ -1,0 +1,942 @@
+//! The workspace actor: the one owner of a live working copy.
+//!
+//! It activates from the latest snapshot into a temp dir of its own, then
+//! handles one message at a time: file and git operations for attached
+//! sessions, the edit lock, and saves. Every change is pushed as an
+//! [`Event`] to the other attached sessions. Blocking work (unpacking,
+//! packing, git) runs on the blocking pool so other workspaces never stall;
+//! small file reads and writes run inline (they take microseconds).
+//!
+//! It must never wait on a client: events go through bounded channels with
+//! `try_send`, and a session that cannot keep up is detached. Its temp dir
+//! lives in its state, so it is removed however the actor ends (stop, kill
+//! or panic).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr};
+use serde::{Deserialize, Serialize};
+use tempfile::TempDir;
+use tokio::sync::mpsc;
+
+use super::files::{FileLimits, Files};
+use super::paths::WorkPath;
+use super::repo::{self, GitAuthor};
+use super::snapshot;
+use crate::config::Config;
+use crate::protocol::{
+    Doer, EntryKind, ErrorCode, Event, LockInfo, Op, OpError, OpResult, Reply, SessionId,
+};
+use crate::storage::{Fence, NewSnapshot, Role, Store, WorkspaceKey};
+
+/// Everything about the service a workspace needs, taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct WorkspaceSettings {
+    /// Where working copies (and scratch dirs) are made.
+    pub root: PathBuf,
+    pub files: FileLimits,
+    pub max_path: usize,
+    /// Most bytes a snapshot may unpack to.
+    pub max_workspace: u64,
+    pub snapshots_kept: u32,
+    /// Lock lifetime when the client names none.
+    pub lock_ttl: Duration,
+    /// Longest lock lifetime a client may ask for.
+    pub max_lock_ttl: Duration,
+    /// Events buffered per session before it counts as too slow.
+    pub event_buffer: usize,
+}
+
+impl WorkspaceSettings {
+    pub fn from_config(config: &Config) -> WorkspaceSettings {
+        WorkspaceSettings {
+            root: config.workspace_dir(),
+            files: FileLimits {
+                max_file: config.max_file,
+                max_read: config.max_frame.saturating_sub(4096),
+            },
+            max_path: config.max_path,
+            max_workspace: config.max_workspace,
+            snapshots_kept: config.snapshots_kept,
+            lock_ttl: config.lock_ttl,
+            max_lock_ttl: config.max_lock_ttl,
+            event_buffer: 1024,
+        }
+    }
+}
+
+/// A session as a workspace sees it: who, and with which role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub id: SessionId,
+    pub user_id: i64,
+    pub username: String,
+    pub display_name: String,
+    pub email: String,
+    pub role: Role,
+}
+
+impl SessionInfo {
+    fn doer(&self) -> Doer {
+        Doer {
+            session: self.id.clone(),
+            user: self.username.clone(),
+        }
+    }
+}
+
+/// Where a session's events go. Bounded: the actor never waits on it.
+pub type EventSink = mpsc::Sender<Event>;
+
+/// What an attaching session learns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub branch: String,
+    pub head: String,
+    pub lock: Option<LockInfo>,
+}
+
+/// A workspace's state, for operators and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkspaceInfo {
+    pub key: WorkspaceKey,
+    pub dir: PathBuf,
+    pub sessions: Vec<SessionId>,
+    pub lock: Option<LockInfo>,
+    /// Changed since the last save.
+    pub dirty: bool,
+    pub snapshot_version: i64,
+}
+
+pub enum WorkspaceMsg {
+    /// Adds a session; its events go to `events`.
+    Attach {
+        session: SessionInfo,
+        events: EventSink,
+        reply: RpcReplyPort<Result<Welcome, OpError>>,
+    },
+    /// Removes a session (releasing its lock).
+    Detach {
+        session: SessionId,
+    },
+    /// One operation by an attached session.
+    Op {
+        session: SessionId,
+        op: Op,
+        reply: RpcReplyPort<OpResult>,
+    },
+    Info {
+        reply: RpcReplyPort<WorkspaceInfo>,
+    },
+    /// The lock taken at `generation` may have run out.
+    LockExpired {
+        generation: u64,
+    },
+    /// Makes the actor panic, to test what survives one.
+    #[cfg(test)]
+    Panic,
+}
+
+pub struct WorkspaceArgs {
+    pub key: WorkspaceKey,
+    pub store: Arc<dyn Store>,
+    pub settings: WorkspaceSettings,
+    /// Proof of ownership for snapshot writes; `None` where no claim is used.
+    pub fence: Option<Fence>,
+}
+
+struct Attached {
+    info: SessionInfo,
+    events: EventSink,
+}
+
+struct EditLock {
+    info: LockInfo,
+    deadline: Instant,
+    generation: u64,
+}
+
+pub struct WorkspaceState {
+    key: WorkspaceKey,
+    store: Arc<dyn Store>,
+    settings: WorkspaceSettings,
+    fence: Option<Fence>,
+    files: Files,
+    sessions: HashMap<SessionId, Attached>,
+    lock: Option<EditLock>,
+    lock_generation: u64,
+    dirty: bool,
+    snapshot_version: i64,
+    /// Declared last: dropped after everything that uses the directory.
+    dir: TempDir,
+}
+
+pub struct WorkspaceActor;
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs blocking work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    context: &'static str,
+    work: impl FnOnce() -> Result<T, OpError> + Send + 'static,
+) -> Result<T, OpError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| OpError::internal(context, e))?
+}
+
+impl Actor for WorkspaceActor {
+    type Msg = WorkspaceMsg;
+    type State = WorkspaceState;
+    type Arguments = WorkspaceArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<WorkspaceMsg>,
+        args: WorkspaceArgs,
+    ) -> Result<WorkspaceState, ActorProcessingErr> {
+        Ok(activate(args).await?)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<WorkspaceMsg>,
+        message: WorkspaceMsg,
+        state: &mut WorkspaceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            WorkspaceMsg::Attach {
+                session,
+                events,
+                reply,
+            } => {
+                let _ = reply.send(state.attach(session, events).await);
+            }
+            WorkspaceMsg::Detach { session } => state.detach(&session),
+            WorkspaceMsg::Op { session, op, reply } => {
+                let result = state.op(&myself, &session, op).await;
+                let _ = reply.send(result);
+            }
+            WorkspaceMsg::Info { reply } => {
+                let _ = reply.send(state.info());
+            }
+            WorkspaceMsg::LockExpired { generation } => state.expire_lock(Some(generation)),
+            #[cfg(test)]
+            WorkspaceMsg::Panic => panic!("test-requested panic"),
+        }
+        Ok(())
+    }
+}
+
+/// Loads the latest snapshot into a new temp dir and checks it holds a repository.
+async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
+    let WorkspaceArgs {
+        key,
+        store,
+        settings,
+        fence,
+    } = args;
+    let started = Instant::now();
+    let snapshot = store
+        .latest_snapshot(&key)
+        .await
+        .map_err(OpError::from)?
+        .ok_or_else(|| {
+            OpError::not_found(format!(
+                "branch {:?} of project {} does not exist",
+                key.branch, key.project_id
+            ))
+        })?;
+    std::fs::create_dir_all(&settings.root)
+        .map_err(|e| OpError::internal("creating the workspace dir", e))?;
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("ws-{}-", key.project_id))
+        .tempdir_in(&settings.root)
+        .map_err(|e| OpError::internal("creating the working dir", e))?;
+    let path = dir.path().to_path_buf();
+    let max_bytes = settings.max_workspace;
+    let version = snapshot.meta.version;
+    let data = snapshot.data;
+    let files = blocking("unpacking the snapshot", move || {
+        snapshot::unpack(&data, &path, max_bytes).map_err(|e| match e {
+            snapshot::SnapshotError::TooLarge { .. } => OpError::too_large(format!(
+                "the snapshot is larger than BRANCHD_MAX_WORKSPACE: {e}"
+            )),
+            other => OpError::internal("unpacking the snapshot", other),
+        })?;
+        git2::Repository::open(&path)
+            .map_err(|e| OpError::internal("opening the snapshot's repository", e))?;
+        Ok(())
+    })
+    .await
+    .and_then(|()| {
+        Files::open(dir.path(), settings.files)
+            .map_err(|e| OpError::internal("preparing the working dir", e))
+    })?;
+    tracing::info!(workspace = %key, snapshot_version = version, elapsed_ms = started.elapsed().as_millis() as u64, "workspace activated");
+    Ok(WorkspaceState {
+        key,
+        store,
+        settings,
+        fence,
+        files,
+        sessions: HashMap::new(),
+        lock: None,
+        lock_generation: 0,
+        dirty: false,
+        snapshot_version: version,
+        dir,
+    })
+}
+
+/// Ops that change the working copy: refused to viewers and, while another
+/// session holds the lock, to everyone else.
+fn edits(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::WriteFile { .. }
+            | Op::DeletePath { .. }
+            | Op::RenamePath { .. }
+            | Op::MakeDir { .. }
+            | Op::GitCommit { .. }
+    )
+}
+
+/// Ops that need at least the editor role.
+fn needs_editor(op: &Op) -> bool {
+    edits(op)
+        || matches!(
+            op,
+            Op::Lock { .. } | Op::Unlock | Op::Save | Op::GitCreateBranch { .. }
+        )
+}
+
+impl WorkspaceState {
+    fn path(&self, raw: &str) -> Result<WorkPath, OpError> {
+        WorkPath::parse_non_root(raw, self.settings.max_path)
+    }
+
+    fn info(&self) -> WorkspaceInfo {
+        let mut sessions: Vec<SessionId> = self.sessions.keys().cloned().collect();
+        sessions.sort();
+        WorkspaceInfo {
+            key: self.key.clone(),
+            dir: self.dir.path().to_path_buf(),
+            sessions,
+            lock: self.lock.as_ref().map(|l| l.info.clone()),
+            dirty: self.dirty,
+            snapshot_version: self.snapshot_version,
+        }
+    }
+
+    async fn attach(
+        &mut self,
+        session: SessionInfo,
+        events: EventSink,
+    ) -> Result<Welcome, OpError> {
+        if self.sessions.contains_key(&session.id) {
+            return Err(OpError::conflict(
+                format!("session {} is already attached", session.id),
+                None,
+            ));
+        }
+        let dir = self.dir.path().to_path_buf();
+        let (branch, head) = blocking("reading HEAD", move || repo::head(&dir)).await?;
+        self.expire_lock(None);
+        self.sessions.insert(
+            session.id.clone(),
+            Attached {
+                info: session,
+                events,
+            },
+        );
+        Ok(Welcome {
+            branch,
+            head,
+            lock: self.lock.as_ref().map(|l| l.info.clone()),
+        })
+    }
+
+    fn detach(&mut self, session: &SessionId) {
+        if self.sessions.remove(session).is_none() {
+            return;
+        }
+        if self
+            .lock
+            .as_ref()
+            .is_some_and(|l| &l.info.holder == session)
+        {
+            self.lock = None;
+            self.broadcast(
+                None,
+                Event::LockChanged {
+                    lock: None,
+                    by: None,
+                },
+            );
+        }
+    }
+
+    /// Sends an event to every attached session but `except`. A session
+    /// whose buffer is full (or gone) is detached: its connection sees the
+    /// channel close and tells the client to reconnect.
+    fn broadcast(&mut self, except: Option<&SessionId>, event: Event) {
+        let mut lagging = Vec::new();
+        for (id, attached) in &self.sessions {
+            if Some(id) == except {
+                continue;
+            }
+            if attached.events.try_send(event.clone()).is_err() {
+                lagging.push(id.clone());
+            }
+        }
+        for id in lagging {
+            tracing::warn!(workspace = %self.key, session = %id, "session cannot keep up with events; detaching it");
+            self.detach(&id);
+        }
+    }
+
+    /// Drops the lock if it has run out (only the one taken at `generation`,
+    /// when given) and tells everyone.
+    fn expire_lock(&mut self, generation: Option<u64>) {
+        let expired = self.lock.as_ref().is_some_and(|lock| {
+            generation.is_none_or(|g| g == lock.generation) && lock.deadline <= Instant::now()
+        });
+        if expired {
+            self.lock = None;
+            self.broadcast(
+                None,
+                Event::LockChanged {
+                    lock: None,
+                    by: None,
+                },
+            );
+        }
+    }
+
+    /// `locked` if someone other than `session` holds a live lock.
+    fn check_lock(&mut self, session: &SessionId) -> Result<(), OpError> {
+        self.expire_lock(None);
+        match &self.lock {
+            Some(lock) if &lock.info.holder != session => Err(OpError {
+                lock: Some(lock.info.clone()),
+                ..OpError::new(
+                    ErrorCode::Locked,
+                    format!(
+                        "{} holds the edit lock until {}; wait, or ask them to unlock",
+                        lock.info.user, lock.info.expires_at
+                    ),
+                )
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn op(
+        &mut self,
+        myself: &ActorRef<WorkspaceMsg>,
+        session: &SessionId,
+        op: Op,
+    ) -> OpResult {
+        let who = self
+            .sessions
+            .get(session)
+            .map(|a| a.info.clone())
+            .ok_or_else(|| {
+                OpError::new(
+                    ErrorCode::Unavailable,
+                    "this session is no longer attached to the workspace; reconnect",
+                )
+            })?;
+        if needs_editor(&op) && who.role < Role::Editor {
+            return Err(OpError::forbidden(format!(
+                "{} needs the editor role; you are {}",
+                op.name(),
+                who.role.as_str()
+            )));
+        }
+        if edits(&op) {
+            self.check_lock(session)?;
+        }
+        let by = who.doer();
+        match op {
+            Op::ListTree { path } => {
+                let under = WorkPath::parse(path.as_deref().unwrap_or(""), self.settings.max_path)?;
+                Ok(Reply::Tree {
+                    entries: self.files.list(&under)?,
+                })
+            }
+            Op::ReadFile { path } => {
+                let path = self.path(&path)?;
+                let (content, version) = self.files.read(&path)?;
+                Ok(Reply::File {
+                    path: path.to_string(),
+                    content,
+                    version,
+                })
+            }
+            Op::WriteFile {
+                path,
+                content,
+                base_version,
+                force,
+            } => {
+                let path = self.path(&path)?;
+                let version = self
+                    .files
+                    .write(&path, &content, base_version.as_deref(), force)?;
+                self.dirty = true;
+                self.broadcast(
+                    Some(session),
+                    Event::FileChanged {
+                        path: path.to_string(),
+                        kind: EntryKind::File,
+                        deleted: false,
+                        version: Some(version.clone()),
+                        by,
+                    },
+                );
+                Ok(Reply::Written {
+                    path: path.to_string(),
+                    version,
+                })
+            }
+            Op::DeletePath { path, base_version } => {
+                let path = self.path(&path)?;
+                let kind = self.files.delete(&path, base_version.as_deref())?;
+                self.dirty = true;
+                self.broadcast(
+                    Some(session),
+                    Event::FileChanged {
+                        path: path.to_string(),
+                        kind,
+                        deleted: true,
+                        version: None,
+                        by,
+                    },
+                );
+                Ok(Reply::Done {})
+            }
+            Op::RenamePath { from, to } => {
+                let (from, to) = (self.path(&from)?, self.path(&to)?);
+                self.files.rename(&from, &to)?;
+                self.dirty = true;
+                self.broadcast(
+                    Some(session),
+                    Event::PathRenamed {
+                        from: from.to_string(),
+                        to: to.to_string(),
+                        by,
+                    },
+                );
+                Ok(Reply::Done {})
+            }
+            Op::MakeDir { path } => {
+                let path = self.path(&path)?;
+                if self.files.make_dir(&path)? {
+                    self.dirty = true;
+                    self.broadcast(
+                        Some(session),
+                        Event::FileChanged {
+                            path: path.to_string(),
+                            kind: EntryKind::Dir,
+                            deleted: false,
+                            version: None,
+                            by,
+                        },
+                    );
+                }
+                Ok(Reply::Done {})
+            }
+            Op::Lock { ttl_ms } => self.take_lock(myself, &who, ttl_ms),
+            Op::Unlock => {
+                self.expire_lock(None);
+                match &self.lock {
+                    None => Ok(Reply::Done {}),
+                    Some(lock) if &lock.info.holder == session => {
+                        self.lock = None;
+                        self.broadcast(
+                            None,
+                            Event::LockChanged {
+                                lock: None,
+                                by: Some(by),
+                            },
+                        );
+                        Ok(Reply::Done {})
+                    }
+                    Some(_) => Err(self.check_lock(session).err().unwrap_or_else(|| {
+                        OpError::new(ErrorCode::Locked, "another session holds the lock")
+                    })),
+                }
+            }
+            Op::Save => {
+                let (snapshot_version, saved) = self.save(Some(&who)).await?;
+                if saved {
+                    self.broadcast(
+                        Some(session),
+                        Event::Saved {
+                            snapshot_version,
+                            by,
+                        },
+                    );
+                }
+                Ok(Reply::Saved {
+                    snapshot_version,
+                    saved,
+                })
+            }
+            Op::Compile { .. } => Err(OpError::new(
+                ErrorCode::Unsupported,
+                "compile is not available on this server yet",
+            )),
+            Op::GitStatus => {
+                let dir = self.dir.path().to_path_buf();
+                let (branch, head, changes) = blocking("reading the status", move || {
+                    let (branch, head) = repo::head(&dir)?;
+                    Ok((branch, head, repo::status(&dir)?))
+                })
+                .await?;
+                Ok(Reply::Status {
+                    branch,
+                    head,
+                    changes,
+                })
+            }
+            Op::GitDiff { path } => {
+                let path = path
+                    .map(|p| WorkPath::parse(&p, self.settings.max_path))
+                    .transpose()?;
+                let dir = self.dir.path().to_path_buf();
+                let diff = blocking("computing the diff", move || {
+                    repo::diff(&dir, path.as_ref())
+                })
+                .await?;
+                Ok(Reply::Diff { diff })
+            }
+            Op::GitCommit { message, paths } => {
+                if message.len() > 64 * 1024 {
+                    return Err(OpError::too_large("the commit message is over 64 KiB"));
+                }
+                let paths = paths
+                    .map(|ps| {
+                        ps.iter()
+                            .map(|p| self.path(p))
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                    .transpose()?;
+                let dir = self.dir.path().to_path_buf();
+                let author = GitAuthor {
+                    name: who.display_name.clone(),
+                    email: who.email.clone(),
+                };
+                let text = message.clone();
+                let commit = blocking("committing", move || {
+                    repo::commit(&dir, &text, paths.as_deref(), &author, now_ms())
+                })
+                .await?;
+                self.dirty = true;
+                self.broadcast(
+                    Some(session),
+                    Event::Committed {
+                        commit: commit.clone(),
+                        message,
+                        by,
+                    },
+                );
+                Ok(Reply::Committed { commit })
+            }
+            Op::GitLog { limit } => {
+                let limit = limit.unwrap_or(50).clamp(1, 1000) as usize;
+                let dir = self.dir.path().to_path_buf();
+                let commits = blocking("reading the log", move || repo::log(&dir, limit)).await?;
+                Ok(Reply::Log { commits })
+            }
+            Op::GitBranches => Ok(Reply::Branches {
+                branches: self.store.branches(self.key.project_id).await?,
+            }),
+            Op::GitCreateBranch { name } => {
+                repo::validate_branch_name(&name)?;
+                let dir = self.dir.path().to_path_buf();
+                let scratch = self.settings.root.clone();
+                let branch = name.clone();
+                let (data, head) = blocking("creating the branch", move || {
+                    repo::branch_snapshot(&dir, &branch, &scratch)
+                })
+                .await?;
+                let key = WorkspaceKey::new(self.key.project_id, name.clone());
+                let meta = self
+                    .store
+                    .create_branch(
+                        &key,
+                        NewSnapshot {
+                            data,
+                            author: Some(who.username.clone()),
+                            journal_seq: 0,
+                            keep: self.settings.snapshots_kept,
+                        },
+                    )
+                    .await?;
+                self.broadcast(
+                    Some(session),
+                    Event::BranchCreated {
+                        branch: name.clone(),
+                        head: head.clone(),
+                        by,
+                    },
+                );
+                Ok(Reply::BranchCreated {
+                    branch: name,
+                    head,
+                    snapshot_version: meta.version,
+                })
+            }
+        }
+    }
+
+    fn take_lock(
+        &mut self,
+        myself: &ActorRef<WorkspaceMsg>,
+        who: &SessionInfo,
+        ttl_ms: Option<u64>,
+    ) -> OpResult {
+        self.check_lock(&who.id)?;
+        let ttl = ttl_ms
+            .map(Duration::from_millis)
+            .unwrap_or(self.settings.lock_ttl);
+        if ttl.is_zero() || ttl > self.settings.max_lock_ttl {
+            return Err(OpError::bad_request(format!(
+                "ttl_ms must be between 1 and {}",
+                self.settings.max_lock_ttl.as_millis()
+            )));
+        }
+        self.lock_generation += 1;
+        let info = LockInfo {
+            holder: who.id.clone(),
+            user: who.username.clone(),
+            expires_at: now_ms() + ttl.as_millis() as i64,
+        };
+        self.lock = Some(EditLock {
+            info: info.clone(),
+            deadline: Instant::now() + ttl,
+            generation: self.lock_generation,
+        });
+        let generation = self.lock_generation;
+        // The timer only posts a message: the actor never waits for it.
+        myself.send_after(ttl, move || WorkspaceMsg::LockExpired { generation });
+        self.broadcast(
+            Some(&who.id),
+            Event::LockChanged {
+                lock: Some(info.clone()),
+                by: Some(who.doer()),
+            },
+        );
+        Ok(Reply::LockTaken {
+            holder: info.holder,
+            expires_at: info.expires_at,
+        })
+    }
+
+    /// Packs the working dir into a new snapshot version unless nothing
+    /// changed since the last save. Returns the version and whether it is new.
+    async fn save(&mut self, by: Option<&SessionInfo>) -> Result<(i64, bool), OpError> {
+        if !self.dirty {
+            return Ok((self.snapshot_version, false));
+        }
+        let dir = self.dir.path().to_path_buf();
+        let started = Instant::now();
+        let data = blocking("packing the working dir", move || {
+            snapshot::pack(&dir).map_err(|e| OpError::internal("packing the working dir", e))
+        })
+        .await?;
+        let size = data.len();
+        let meta = self
+            .store
+            .put_snapshot(
+                &self.key,
+                NewSnapshot {
+                    data,
+                    author: by.map(|s| s.username.clone()),
+                    journal_seq: 0,
+                    keep: self.settings.snapshots_kept,
+                },
+                self.fence.as_ref(),
+            )
+            .await?;
+        self.dirty = false;
+        self.snapshot_version = meta.version;
+        tracing::info!(workspace = %self.key, version = meta.version, bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "workspace saved");
+        Ok((meta.version, true))
+    }
+}
+
+/// A handle on a running workspace actor: the typed way to talk to it.
+#[derive(Clone)]
+pub struct Workspace {
+    actor: ActorRef<WorkspaceMsg>,
+    timeout: Duration,
+}
+
+/// How long a caller waits for a workspace's answer before giving up.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Workspace {
+    /// Starts a workspace actor (unlinked) and waits until it is active.
+    /// A branch with no snapshot is `not_found`.
+    pub async fn start(
+        args: WorkspaceArgs,
+    ) -> Result<(Workspace, tokio::task::JoinHandle<()>), OpError> {
+        match Actor::spawn(None, WorkspaceActor, args).await {
+            Ok((actor, handle)) => Ok((Workspace::from_ref(actor), handle)),
+            Err(err) => Err(startup_error(err)),
+        }
+    }
+
+    pub fn from_ref(actor: ActorRef<WorkspaceMsg>) -> Workspace {
+        Workspace {
+            actor,
+            timeout: CALL_TIMEOUT,
+        }
+    }
+
+    pub fn actor(&self) -> &ActorRef<WorkspaceMsg> {
+        &self.actor
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        build: impl FnOnce(RpcReplyPort<T>) -> WorkspaceMsg,
+    ) -> Result<T, OpError> {
+        match self.actor.call(build, Some(self.timeout)).await {
+            Ok(CallResult::Success(value)) => Ok(value),
+            Ok(CallResult::Timeout) => Err(OpError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "the workspace did not answer within {} s; retry",
+                    self.timeout.as_secs()
+                ),
+            )),
+            Ok(CallResult::SenderError) | Err(_) => Err(OpError::new(
+                ErrorCode::Unavailable,
+                "the workspace stopped; reconnect",
+            )),
+        }
+    }
+
+    pub async fn attach(
+        &self,
+        session: SessionInfo,
+        events: EventSink,
+    ) -> Result<Welcome, OpError> {
+        self.ask(|reply| WorkspaceMsg::Attach {
+            session,
+            events,
+            reply,
+        })
+        .await?
+    }
+
+    pub fn detach(&self, session: &SessionId) {
+        let _ = self.actor.cast(WorkspaceMsg::Detach {
+            session: session.clone(),
+        });
+    }
+
+    pub async fn op(&self, session: &SessionId, op: Op) -> OpResult {
+        self.ask(|reply| WorkspaceMsg::Op {
+            session: session.clone(),
+            op,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn info(&self) -> Result<WorkspaceInfo, OpError> {
+        self.ask(|reply| WorkspaceMsg::Info { reply }).await
+    }
+
+    /// Stops the actor after the messages already queued, and waits.
+    pub async fn stop(&self) {
+        let _ = self.actor.stop_and_wait(None, Some(self.timeout)).await;
+    }
+}
+
+/// The client-facing error for an actor that failed to start.
+fn startup_error(err: SpawnErr) -> OpError {
+    match err {
+        SpawnErr::StartupFailed(inner) => match inner.downcast::<OpError>() {
+            Ok(op_error) => *op_error,
+            Err(other) => OpError::internal("activating the workspace", other),
+        },
+        other => OpError::internal("activating the workspace", other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage;
+    use crate::workspace::first_snapshot;
+
+    #[tokio::test]
+    async fn a_panic_in_the_actor_removes_its_working_dir() {
+        let data = tempfile::tempdir().expect("data");
+        let store = storage::open(&storage::sqlite::default_url(data.path()), 2)
+            .await
+            .expect("store");
+        let owner = store
+            .create_user(storage::NewUser {
+                username: "u".into(),
+                display_name: "U".into(),
+                email: "u@example.com".into(),
+                password_hash: "x".into(),
+                is_admin: false,
+            })
+            .await
+            .expect("user");
+        let author = GitAuthor {
+            name: "U".into(),
+            email: "u@example.com".into(),
+        };
+        let first = first_snapshot(data.path(), "main", "# t\n", &author).expect("snapshot");
+        let (project, _) = store
+            .create_project(
+                "t",
+                owner.id,
+                "main",
+                NewSnapshot {
+                    data: first,
+                    author: None,
+                    journal_seq: 0,
+                    keep: 10,
+                },
+            )
+            .await
+            .expect("project");
+        let mut config = Config::from_env().expect("config");
+        config.database.data_dir = data.path().to_path_buf();
+        config.workspace_dir = None;
+        let (workspace, handle) = Workspace::start(WorkspaceArgs {
+            key: WorkspaceKey::new(project.id, "main"),
+            store,
+            settings: WorkspaceSettings::from_config(&config),
+            fence: None,
+        })
+        .await
+        .expect("start");
+        let dir = workspace.info().await.expect("info").dir;
+        assert!(dir.join("README.md").is_file());
+
+        workspace.actor().cast(WorkspaceMsg::Panic).expect("cast");
+        handle.await.expect("actor task ends");
+        assert!(!dir.exists(), "the working dir is removed after a panic");
+    }
+}

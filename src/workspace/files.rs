@@ -1,0 +1,367 @@
+//! The files of one working copy: listing, reading and versioned writes.
+//!
+//! A file's version is its git blob id, so it is the same id git shows for
+//! that content. Versions are cached per path and the cache is kept exact by
+//! doing every change through [`Files`]; only the workspace actor owns one.
+//! Writes land through a temp file in `.git/branchd/tmp` and a rename, so a
+//! file is never seen half-written.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use git2::{ObjectType, Oid};
+
+use super::paths::WorkPath;
+use crate::protocol::{EntryKind, OpError, TreeEntry};
+
+/// Size limits on what clients may write and read.
+#[derive(Debug, Clone, Copy)]
+pub struct FileLimits {
+    pub max_file: u64,
+    pub max_read: u64,
+}
+
+pub struct Files {
+    root: PathBuf,
+    tmp: PathBuf,
+    limits: FileLimits,
+    versions: HashMap<String, String>,
+    next_tmp: u64,
+}
+
+/// The version (git blob id) of some content.
+pub fn version_of(content: &[u8]) -> String {
+    Oid::hash_object(ObjectType::Blob, content)
+        .map(|oid| oid.to_string())
+        .unwrap_or_default()
+}
+
+fn io_error(context: &str, path: &WorkPath, err: io::Error) -> OpError {
+    match err.kind() {
+        io::ErrorKind::NotFound => OpError::not_found(format!("{path:?} does not exist")),
+        _ => OpError::internal(&format!("{context} {path}"), err),
+    }
+}
+
+impl Files {
+    /// Takes charge of the working copy at `root`, clearing temp files a
+    /// previous owner may have left.
+    pub fn open(root: &Path, limits: FileLimits) -> io::Result<Files> {
+        let tmp = root.join(".git").join("branchd").join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        Ok(Files {
+            root: root.to_path_buf(),
+            tmp,
+            limits,
+            versions: HashMap::new(),
+            next_tmp: 0,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Forgets cached versions of `path` and everything below it.
+    pub fn forget(&mut self, path: &WorkPath) {
+        let below = format!("{path}/");
+        self.versions
+            .retain(|p, _| !(path.is_root() || p == path.as_str() || p.starts_with(&below)));
+    }
+
+    fn kind_of(on_disk: &Path) -> io::Result<Option<EntryKind>> {
+        match std::fs::symlink_metadata(on_disk) {
+            Ok(meta) if meta.is_dir() => Ok(Some(EntryKind::Dir)),
+            Ok(meta) if meta.is_file() => Ok(Some(EntryKind::File)),
+            Ok(_) => Ok(None), // links and specials are not part of the tree
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn cached_version(&mut self, path: &str, on_disk: &Path) -> io::Result<String> {
+        if let Some(version) = self.versions.get(path) {
+            return Ok(version.clone());
+        }
+        let version = version_of(&std::fs::read(on_disk)?);
+        self.versions.insert(path.to_string(), version.clone());
+        Ok(version)
+    }
+
+    /// The current version of a file; `None` if nothing is there, an error
+    /// if a directory is.
+    pub fn version(&mut self, path: &WorkPath) -> Result<Option<String>, OpError> {
+        let on_disk = path.resolve(&self.root)?;
+        match Self::kind_of(&on_disk).map_err(|e| io_error("reading", path, e))? {
+            None => Ok(None),
+            Some(EntryKind::Dir) => Err(OpError::bad_request(format!("{path:?} is a directory"))),
+            Some(EntryKind::File) => self
+                .cached_version(path.as_str(), &on_disk)
+                .map(Some)
+                .map_err(|e| io_error("reading", path, e)),
+        }
+    }
+
+    /// Every file and directory below `under` (itself excluded), sorted by
+    /// path; `.git` is never listed.
+    pub fn list(&mut self, under: &WorkPath) -> Result<Vec<TreeEntry>, OpError> {
+        let start = under.resolve(&self.root)?;
+        let mut entries = Vec::new();
+        match Self::kind_of(&start).map_err(|e| io_error("listing", under, e))? {
+            None => return Err(OpError::not_found(format!("{under:?} does not exist"))),
+            Some(EntryKind::File) => {
+                let size = std::fs::metadata(&start)
+                    .map_err(|e| io_error("listing", under, e))?
+                    .len();
+                let version = self
+                    .cached_version(under.as_str(), &start)
+                    .map_err(|e| io_error("listing", under, e))?;
+                entries.push(TreeEntry {
+                    path: under.to_string(),
+                    kind: EntryKind::File,
+                    size,
+                    version: Some(version),
+                });
+                return Ok(entries);
+            }
+            Some(EntryKind::Dir) => {}
+        }
+        let mut pending = vec![(start, under.as_str().to_string())];
+        while let Some((dir, prefix)) = pending.pop() {
+            let read = std::fs::read_dir(&dir).map_err(|e| io_error("listing", under, e))?;
+            for item in read {
+                let item = item.map_err(|e| io_error("listing", under, e))?;
+                let Some(name) = item.file_name().to_str().map(str::to_string) else {
+                    continue; // names that are not UTF-8 cannot be named by clients
+                };
+                if prefix.is_empty() && name == ".git" {
+                    continue;
+                }
+                let rel = if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{prefix}/{name}")
+                };
+                let meta = item.metadata().map_err(|e| io_error("listing", under, e))?;
+                if meta.is_dir() {
+                    entries.push(TreeEntry {
+                        path: rel.clone(),
+                        kind: EntryKind::Dir,
+                        size: 0,
+                        version: None,
+                    });
+                    pending.push((item.path(), rel));
+                } else if meta.is_file() {
+                    let version = self
+                        .cached_version(&rel, &item.path())
+                        .map_err(|e| io_error("listing", under, e))?;
+                    entries.push(TreeEntry {
+                        path: rel,
+                        kind: EntryKind::File,
+                        size: meta.len(),
+                        version: Some(version),
+                    });
+                }
+            }
+        }
+        entries.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(entries)
+    }
+
+    /// A file's content and version.
+    pub fn read(&mut self, path: &WorkPath) -> Result<(Vec<u8>, String), OpError> {
+        let on_disk = path.resolve(&self.root)?;
+        match Self::kind_of(&on_disk).map_err(|e| io_error("reading", path, e))? {
+            None => return Err(OpError::not_found(format!("{path:?} does not exist"))),
+            Some(EntryKind::Dir) => {
+                return Err(OpError::bad_request(format!(
+                    "{path:?} is a directory: use list_tree"
+                )));
+            }
+            Some(EntryKind::File) => {}
+        }
+        let size = std::fs::metadata(&on_disk)
+            .map_err(|e| io_error("reading", path, e))?
+            .len();
+        if size > self.limits.max_read {
+            return Err(OpError::too_large(format!(
+                "{path:?} is {size} bytes; the most a read returns is {}",
+                self.limits.max_read
+            )));
+        }
+        let content = std::fs::read(&on_disk).map_err(|e| io_error("reading", path, e))?;
+        let version = version_of(&content);
+        self.versions.insert(path.to_string(), version.clone());
+        Ok((content, version))
+    }
+
+    /// Writes a file if `base` is its current version (`None`: it must not
+    /// exist) or `force` is set; otherwise `conflict` with the current
+    /// version. Missing parent directories are created. Returns the new version.
+    pub fn write(
+        &mut self,
+        path: &WorkPath,
+        content: &[u8],
+        base: Option<&str>,
+        force: bool,
+    ) -> Result<String, OpError> {
+        if path.is_root() {
+            return Err(OpError::bad_request("path is empty: name a file"));
+        }
+        if content.len() as u64 > self.limits.max_file {
+            return Err(OpError::too_large(format!(
+                "the content is {} bytes; the most a file may hold is {}",
+                content.len(),
+                self.limits.max_file
+            )));
+        }
+        let current = self.version(path)?;
+        if !force {
+            match (base, current.as_deref()) {
+                (None, Some(_)) => {
+                    return Err(OpError::conflict(
+                        format!(
+                            "{path:?} already exists: send its version as base_version, or force"
+                        ),
+                        current,
+                    ));
+                }
+                (Some(base), now) if now != Some(base) => {
+                    let what = if now.is_some() {
+                        "has changed"
+                    } else {
+                        "was deleted"
+                    };
+                    return Err(OpError::conflict(
+                        format!("{path:?} {what} since version {base}: read it again and merge"),
+                        current,
+                    ));
+                }
+                _ => {}
+            }
+        }
+        self.make_parents(path)?;
+        let staged = self.tmp.join(format!("write-{}", self.next_tmp));
+        self.next_tmp += 1;
+        std::fs::write(&staged, content).map_err(|e| io_error("writing", path, e))?;
+        std::fs::rename(&staged, path.resolve(&self.root)?).map_err(|e| {
+            let _ = std::fs::remove_file(&staged);
+            io_error("writing", path, e)
+        })?;
+        let version = version_of(content);
+        self.versions.insert(path.to_string(), version.clone());
+        Ok(version)
+    }
+
+    fn make_parents(&mut self, path: &WorkPath) -> Result<(), OpError> {
+        let parent = path.parent();
+        if parent.is_root() {
+            return Ok(());
+        }
+        let on_disk = parent.resolve(&self.root)?;
+        std::fs::create_dir_all(&on_disk).map_err(|err| match err.kind() {
+            io::ErrorKind::AlreadyExists | io::ErrorKind::NotADirectory => {
+                OpError::bad_request(format!("a parent of {path:?} is a file, not a directory"))
+            }
+            _ => io_error("creating the directories of", path, err),
+        })
+    }
+
+    /// Deletes a file (if `base` is given, only at that version) or a
+    /// directory and everything below it. Returns what was deleted.
+    pub fn delete(&mut self, path: &WorkPath, base: Option<&str>) -> Result<EntryKind, OpError> {
+        if path.is_root() {
+            return Err(OpError::bad_request("the project root cannot be deleted"));
+        }
+        let on_disk = path.resolve(&self.root)?;
+        match Self::kind_of(&on_disk).map_err(|e| io_error("deleting", path, e))? {
+            None => Err(OpError::not_found(format!("{path:?} does not exist"))),
+            Some(EntryKind::Dir) => {
+                if base.is_some() {
+                    return Err(OpError::bad_request(format!(
+                        "{path:?} is a directory: directories have no version"
+                    )));
+                }
+                std::fs::remove_dir_all(&on_disk).map_err(|e| io_error("deleting", path, e))?;
+                self.forget(path);
+                Ok(EntryKind::Dir)
+            }
+            Some(EntryKind::File) => {
+                if let Some(base) = base {
+                    let current = self.version(path)?;
+                    if current.as_deref() != Some(base) {
+                        return Err(OpError::conflict(
+                            format!("{path:?} has changed since version {base}: read it again"),
+                            current,
+                        ));
+                    }
+                }
+                std::fs::remove_file(&on_disk).map_err(|e| io_error("deleting", path, e))?;
+                self.versions.remove(path.as_str());
+                Ok(EntryKind::File)
+            }
+        }
+    }
+
+    /// Moves a file or directory; the target must not exist. Missing parent
+    /// directories of the target are created.
+    pub fn rename(&mut self, from: &WorkPath, to: &WorkPath) -> Result<EntryKind, OpError> {
+        if from.is_root() || to.is_root() {
+            return Err(OpError::bad_request("the project root cannot be renamed"));
+        }
+        if from.contains(to) {
+            return Err(OpError::bad_request(format!(
+                "cannot move {from:?} into itself ({to:?})"
+            )));
+        }
+        let source = from.resolve(&self.root)?;
+        let target = to.resolve(&self.root)?;
+        let kind = Self::kind_of(&source)
+            .map_err(|e| io_error("renaming", from, e))?
+            .ok_or_else(|| OpError::not_found(format!("{from:?} does not exist")))?;
+        if Self::kind_of(&target)
+            .map_err(|e| io_error("renaming", to, e))?
+            .is_some()
+        {
+            let current = self.version(to).ok().flatten();
+            return Err(OpError::conflict(format!("{to:?} already exists"), current));
+        }
+        self.make_parents(to)?;
+        std::fs::rename(&source, &target).map_err(|e| io_error("renaming", from, e))?;
+        let below = format!("{from}/");
+        let moved: Vec<(String, String)> = self
+            .versions
+            .iter()
+            .filter(|(p, _)| p.as_str() == from.as_str() || p.starts_with(&below))
+            .map(|(p, v)| (format!("{to}{}", &p[from.as_str().len()..]), v.clone()))
+            .collect();
+        self.forget(from);
+        self.versions.extend(moved);
+        Ok(kind)
+    }
+
+    /// Creates a directory and its parents; fine if it already exists.
+    /// Returns whether anything was created.
+    pub fn make_dir(&mut self, path: &WorkPath) -> Result<bool, OpError> {
+        if path.is_root() {
+            return Ok(false);
+        }
+        let on_disk = path.resolve(&self.root)?;
+        match Self::kind_of(&on_disk).map_err(|e| io_error("creating", path, e))? {
+            Some(EntryKind::Dir) => Ok(false),
+            Some(EntryKind::File) => Err(OpError::conflict(
+                format!("{path:?} is a file"),
+                self.version(path)?,
+            )),
+            None => {
+                self.make_parents(path)?;
+                std::fs::create_dir(&on_disk).map_err(|e| io_error("creating", path, e))?;
+                Ok(true)
+            }
+        }
+    }
+}

@@ -1,0 +1,1155 @@
+//! The workspace actor on real files, real git and a real store (SQLite and
+//! Postgres): activation, versioned writes, events, locks, git and snapshots.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use branchd::config::Config;
+use branchd::protocol::{EntryKind, ErrorCode, Event, Op, OpError, Reply};
+use branchd::storage::{NewSnapshot, NewUser, Role, Store, WorkspaceKey};
+use branchd::workspace::repo::GitAuthor;
+use branchd::workspace::{SessionInfo, Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
+use common::TestDb;
+use tokio::sync::mpsc;
+
+on_both_backends!(
+    a_workspace_activates_from_its_snapshot_and_sees_its_files,
+    a_branch_without_a_snapshot_is_not_found,
+    two_sessions_see_each_others_writes_as_events,
+    a_stale_write_gets_conflict_and_loses_nothing,
+    a_lock_refuses_strangers_writes_serves_their_reads_and_expires,
+    the_lock_ends_when_its_holder_detaches_or_unlocks,
+    viewers_read_but_cannot_change_anything,
+    delete_rename_and_make_dir_change_the_tree_and_are_announced,
+    git_status_diff_commit_and_log_match_the_git_cli,
+    create_branch_starts_a_new_workspace_at_the_source_head,
+    save_then_reactivation_restores_uncommitted_edits_byte_for_byte,
+    every_bad_path_is_refused,
+    the_working_dir_is_removed_when_the_actor_stops_or_is_killed,
+);
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    settings: WorkspaceSettings,
+    key: WorkspaceKey,
+    _data: tempfile::TempDir,
+    _db: TestDb,
+}
+
+impl Fixture {
+    async fn new(db: TestDb) -> Fixture {
+        Self::with(db, |_| {}).await
+    }
+
+    async fn with(db: TestDb, adjust: impl FnOnce(&mut Config)) -> Fixture {
+        let store = db.open().await;
+        let data = tempfile::tempdir().expect("data dir");
+        let mut config = Config::from_env().expect("config");
+        config.database.data_dir = data.path().to_path_buf();
+        config.workspace_dir = None;
+        adjust(&mut config);
+        let owner = store
+            .create_user(NewUser {
+                username: "olga".into(),
+                display_name: "Olga Owner".into(),
+                email: "olga@example.com".into(),
+                password_hash: "x".into(),
+                is_admin: false,
+            })
+            .await
+            .expect("user");
+        let author = GitAuthor {
+            name: "Olga Owner".into(),
+            email: "olga@example.com".into(),
+        };
+        let first = branchd::workspace::first_snapshot(data.path(), "main", "# Demo\n", &author)
+            .expect("first snapshot");
+        let (project, _) = store
+            .create_project(
+                "Demo",
+                owner.id,
+                "main",
+                NewSnapshot {
+                    data: first,
+                    author: None,
+                    journal_seq: 0,
+                    keep: 10,
+                },
+            )
+            .await
+            .expect("project");
+        Fixture {
+            store,
+            settings: WorkspaceSettings::from_config(&config),
+            key: WorkspaceKey::new(project.id, "main"),
+            _data: data,
+            _db: db,
+        }
+    }
+
+    async fn start(&self) -> Workspace {
+        self.start_branch(&self.key.branch)
+            .await
+            .expect("workspace starts")
+    }
+
+    async fn start_branch(&self, branch: &str) -> Result<Workspace, OpError> {
+        let (workspace, _) = Workspace::start(WorkspaceArgs {
+            key: WorkspaceKey::new(self.key.project_id, branch),
+            store: self.store.clone(),
+            settings: self.settings.clone(),
+            fence: None,
+        })
+        .await?;
+        Ok(workspace)
+    }
+}
+
+fn session(id: &str, role: Role) -> SessionInfo {
+    SessionInfo {
+        id: id.into(),
+        user_id: 1,
+        username: id.into(),
+        display_name: format!("{id} Example"),
+        email: format!("{id}@example.com"),
+        role,
+    }
+}
+
+async fn attach(workspace: &Workspace, id: &str, role: Role) -> mpsc::Receiver<Event> {
+    let (events, received) = mpsc::channel(64);
+    workspace
+        .attach(session(id, role), events)
+        .await
+        .expect("attach");
+    received
+}
+
+async fn write(
+    workspace: &Workspace,
+    who: &str,
+    path: &str,
+    content: &[u8],
+    base: Option<&str>,
+) -> Result<String, OpError> {
+    match workspace
+        .op(
+            &who.to_string(),
+            Op::WriteFile {
+                path: path.into(),
+                content: content.to_vec(),
+                base_version: base.map(str::to_string),
+                force: false,
+            },
+        )
+        .await?
+    {
+        Reply::Written { version, .. } => Ok(version),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+async fn read(workspace: &Workspace, who: &str, path: &str) -> Result<(Vec<u8>, String), OpError> {
+    match workspace
+        .op(&who.to_string(), Op::ReadFile { path: path.into() })
+        .await?
+    {
+        Reply::File {
+            content, version, ..
+        } => Ok((content, version)),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+async fn next_event(events: &mut mpsc::Receiver<Event>) -> Event {
+    tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("an event within 5 s")
+        .expect("channel open")
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("utf8")
+}
+
+/// Saves, then unpacks the latest snapshot into a fresh dir for the git CLI.
+async fn saved_copy(
+    fixture: &Fixture,
+    workspace: &Workspace,
+    key: &WorkspaceKey,
+) -> tempfile::TempDir {
+    workspace
+        .op(&"olga".to_string(), Op::Save)
+        .await
+        .expect("save");
+    let latest = fixture
+        .store
+        .latest_snapshot(key)
+        .await
+        .expect("read")
+        .expect("snapshot");
+    let dir = tempfile::tempdir().expect("dir");
+    snapshot::unpack(&latest.data, dir.path(), 1 << 30).expect("unpack");
+    dir
+}
+
+async fn a_workspace_activates_from_its_snapshot_and_sees_its_files(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let (events, _received) = mpsc::channel(8);
+    let welcome = workspace
+        .attach(session("olga", Role::Owner), events)
+        .await
+        .expect("attach");
+    assert_eq!(welcome.branch, "main");
+    assert_eq!(welcome.head.len(), 40);
+    let Reply::Tree { entries } = workspace
+        .op(&"olga".to_string(), Op::ListTree { path: None })
+        .await
+        .expect("list")
+    else {
+        panic!("not a tree")
+    };
+    assert_eq!(
+        entries.len(),
+        1,
+        "only README.md, .git is hidden: {entries:?}"
+    );
+    assert_eq!(
+        (entries[0].path.as_str(), entries[0].kind, entries[0].size),
+        ("README.md", EntryKind::File, 7)
+    );
+    let (content, version) = read(&workspace, "olga", "README.md").await.expect("read");
+    assert_eq!(content, b"# Demo\n");
+    assert_eq!(entries[0].version.as_deref(), Some(version.as_str()));
+    let info = workspace.info().await.expect("info");
+    let blob = git(&info.dir, &["hash-object", "README.md"]);
+    assert_eq!(version, blob.trim(), "a version is the git blob id");
+    assert_eq!(info.snapshot_version, 1);
+    assert!(!info.dirty);
+}
+
+async fn a_branch_without_a_snapshot_is_not_found(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let err = fixture
+        .start_branch("nope")
+        .await
+        .err()
+        .expect("no such branch");
+    assert_eq!(err.code, ErrorCode::NotFound);
+    assert!(err.message.contains("nope"), "{}", err.message);
+}
+
+async fn two_sessions_see_each_others_writes_as_events(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let mut ada_events = attach(&workspace, "ada", Role::Editor).await;
+    let mut bob_events = attach(&workspace, "bob", Role::Editor).await;
+
+    let version = write(&workspace, "ada", "src/main.rhai", b"cube(1, 2, 3)", None)
+        .await
+        .expect("write");
+    match next_event(&mut bob_events).await {
+        Event::FileChanged {
+            path,
+            version: v,
+            deleted,
+            by,
+            ..
+        } => {
+            assert_eq!(
+                (path.as_str(), v.as_deref(), deleted),
+                ("src/main.rhai", Some(version.as_str()), false)
+            );
+            assert_eq!((by.session.as_str(), by.user.as_str()), ("ada", "ada"));
+        }
+        other => panic!("unexpected event {other:?}"),
+    }
+    let (content, seen) = read(&workspace, "bob", "src/main.rhai")
+        .await
+        .expect("bob reads");
+    assert_eq!(
+        (content.as_slice(), seen.as_str()),
+        (&b"cube(1, 2, 3)"[..], version.as_str())
+    );
+
+    write(
+        &workspace,
+        "bob",
+        "src/main.rhai",
+        b"sphere(4)",
+        Some(&version),
+    )
+    .await
+    .expect("bob writes");
+    assert!(
+        matches!(next_event(&mut ada_events).await, Event::FileChanged { by, .. } if by.session == "bob")
+    );
+    assert!(
+        ada_events.try_recv().is_err(),
+        "ada got no echo of her own write"
+    );
+}
+
+async fn a_stale_write_gets_conflict_and_loses_nothing(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "ada", Role::Editor).await;
+    let _b = attach(&workspace, "bob", Role::Editor).await;
+    let (_, base) = read(&workspace, "ada", "README.md").await.expect("read");
+    let bobs = write(&workspace, "bob", "README.md", b"bob's text\n", Some(&base))
+        .await
+        .expect("bob first");
+
+    let stale = write(&workspace, "ada", "README.md", b"ada's text\n", Some(&base))
+        .await
+        .expect_err("stale");
+    assert_eq!(stale.code, ErrorCode::Conflict);
+    assert_eq!(stale.current_version.as_deref(), Some(bobs.as_str()));
+    let (content, _) = read(&workspace, "ada", "README.md").await.expect("read");
+    assert_eq!(content, b"bob's text\n", "bob's write is intact");
+
+    let create_existing = write(&workspace, "ada", "README.md", b"x", None)
+        .await
+        .expect_err("exists");
+    assert_eq!(
+        (
+            create_existing.code,
+            create_existing.current_version.as_deref()
+        ),
+        (ErrorCode::Conflict, Some(bobs.as_str()))
+    );
+    let deleted_meanwhile = write(&workspace, "ada", "gone.txt", b"x", Some(&base))
+        .await
+        .expect_err("missing");
+    assert_eq!(
+        (deleted_meanwhile.code, deleted_meanwhile.current_version),
+        (ErrorCode::Conflict, None)
+    );
+
+    let forced = workspace
+        .op(
+            &"ada".to_string(),
+            Op::WriteFile {
+                path: "README.md".into(),
+                content: b"forced\n".to_vec(),
+                base_version: None,
+                force: true,
+            },
+        )
+        .await
+        .expect("force overwrites");
+    assert!(matches!(forced, Reply::Written { .. }));
+    assert_eq!(
+        read(&workspace, "bob", "README.md").await.expect("read").0,
+        b"forced\n"
+    );
+}
+
+async fn a_lock_refuses_strangers_writes_serves_their_reads_and_expires(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "ada", Role::Editor).await;
+    let mut bob_events = attach(&workspace, "bob", Role::Editor).await;
+    let taken = workspace
+        .op(&"ada".to_string(), Op::Lock { ttl_ms: Some(400) })
+        .await
+        .expect("lock");
+    let Reply::LockTaken { holder, expires_at } = taken else {
+        panic!("{taken:?}")
+    };
+    assert_eq!(holder, "ada");
+    assert!(
+        matches!(next_event(&mut bob_events).await, Event::LockChanged { lock: Some(l), .. } if l.holder == "ada")
+    );
+
+    let refused = write(&workspace, "bob", "b.txt", b"b", None)
+        .await
+        .expect_err("locked");
+    assert_eq!(refused.code, ErrorCode::Locked);
+    let lock = refused.lock.expect("lock details");
+    assert_eq!((lock.holder.as_str(), lock.expires_at), ("ada", expires_at));
+    let steal = workspace
+        .op(&"bob".to_string(), Op::Lock { ttl_ms: None })
+        .await
+        .expect_err("held");
+    assert_eq!(steal.code, ErrorCode::Locked);
+    assert_eq!(
+        read(&workspace, "bob", "README.md")
+            .await
+            .expect("reads are never blocked")
+            .0,
+        b"# Demo\n"
+    );
+    write(&workspace, "ada", "a.txt", b"a", None)
+        .await
+        .expect("the holder writes");
+    assert!(matches!(
+        next_event(&mut bob_events).await,
+        Event::FileChanged { .. }
+    ));
+
+    // The lock runs out by itself; everyone is told, and bob can write.
+    match next_event(&mut bob_events).await {
+        Event::LockChanged { lock: None, .. } => {}
+        other => panic!("expected the lock to expire, got {other:?}"),
+    }
+    write(&workspace, "bob", "b.txt", b"b", None)
+        .await
+        .expect("unlocked now");
+}
+
+async fn the_lock_ends_when_its_holder_detaches_or_unlocks(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "ada", Role::Editor).await;
+    let mut bob_events = attach(&workspace, "bob", Role::Editor).await;
+    workspace
+        .op(
+            &"ada".to_string(),
+            Op::Lock {
+                ttl_ms: Some(60_000),
+            },
+        )
+        .await
+        .expect("lock");
+    next_event(&mut bob_events).await;
+    let not_yours = workspace
+        .op(&"bob".to_string(), Op::Unlock)
+        .await
+        .expect_err("not holder");
+    assert_eq!(not_yours.code, ErrorCode::Locked);
+    workspace
+        .op(&"ada".to_string(), Op::Unlock)
+        .await
+        .expect("unlock");
+    assert!(matches!(
+        next_event(&mut bob_events).await,
+        Event::LockChanged { lock: None, .. }
+    ));
+
+    workspace
+        .op(
+            &"ada".to_string(),
+            Op::Lock {
+                ttl_ms: Some(60_000),
+            },
+        )
+        .await
+        .expect("lock again");
+    next_event(&mut bob_events).await;
+    workspace.detach(&"ada".to_string());
+    assert!(matches!(
+        next_event(&mut bob_events).await,
+        Event::LockChanged { lock: None, .. }
+    ));
+    write(&workspace, "bob", "b.txt", b"b", None)
+        .await
+        .expect("lock gone with its holder");
+    let too_long = workspace
+        .op(
+            &"bob".to_string(),
+            Op::Lock {
+                ttl_ms: Some(86_400_000),
+            },
+        )
+        .await
+        .expect_err("too long");
+    assert_eq!(too_long.code, ErrorCode::BadRequest);
+}
+
+async fn viewers_read_but_cannot_change_anything(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _v = attach(&workspace, "vic", Role::Viewer).await;
+    let vic = "vic".to_string();
+    assert!(read(&workspace, "vic", "README.md").await.is_ok());
+    for op in [
+        Op::WriteFile {
+            path: "x".into(),
+            content: vec![],
+            base_version: None,
+            force: true,
+        },
+        Op::DeletePath {
+            path: "README.md".into(),
+            base_version: None,
+        },
+        Op::RenamePath {
+            from: "README.md".into(),
+            to: "R.md".into(),
+        },
+        Op::MakeDir { path: "d".into() },
+        Op::Lock { ttl_ms: None },
+        Op::Save,
+        Op::GitCommit {
+            message: "m".into(),
+            paths: None,
+        },
+        Op::GitCreateBranch { name: "b".into() },
+    ] {
+        let name = op.name();
+        let err = workspace.op(&vic, op).await.expect_err(name);
+        assert_eq!(err.code, ErrorCode::Forbidden, "{name}");
+        assert!(err.message.contains("editor role"), "{}", err.message);
+    }
+    assert!(workspace.op(&vic, Op::GitStatus).await.is_ok());
+    let unknown = workspace
+        .op(&"stranger".to_string(), Op::GitStatus)
+        .await
+        .expect_err("not attached");
+    assert_eq!(unknown.code, ErrorCode::Unavailable);
+}
+
+async fn delete_rename_and_make_dir_change_the_tree_and_are_announced(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "ada", Role::Editor).await;
+    let mut bob_events = attach(&workspace, "bob", Role::Editor).await;
+    let ada = "ada".to_string();
+    let v = write(&workspace, "ada", "parts/gear.rhai", b"gear", None)
+        .await
+        .expect("write");
+    next_event(&mut bob_events).await;
+
+    workspace
+        .op(
+            &ada,
+            Op::MakeDir {
+                path: "empty/inner".into(),
+            },
+        )
+        .await
+        .expect("mkdir");
+    assert!(matches!(
+        next_event(&mut bob_events).await,
+        Event::FileChanged {
+            kind: EntryKind::Dir,
+            ..
+        }
+    ));
+    workspace
+        .op(
+            &ada,
+            Op::MakeDir {
+                path: "empty/inner".into(),
+            },
+        )
+        .await
+        .expect("mkdir is idempotent");
+    let on_file = workspace
+        .op(
+            &ada,
+            Op::MakeDir {
+                path: "README.md".into(),
+            },
+        )
+        .await
+        .expect_err("file");
+    assert_eq!(on_file.code, ErrorCode::Conflict);
+
+    workspace
+        .op(
+            &ada,
+            Op::RenamePath {
+                from: "parts".into(),
+                to: "lib/parts".into(),
+            },
+        )
+        .await
+        .expect("rename dir");
+    assert!(
+        matches!(next_event(&mut bob_events).await, Event::PathRenamed { from, to, .. } if from == "parts" && to == "lib/parts")
+    );
+    let (content, moved) = read(&workspace, "ada", "lib/parts/gear.rhai")
+        .await
+        .expect("moved file");
+    assert_eq!(
+        (content.as_slice(), moved.as_str()),
+        (&b"gear"[..], v.as_str())
+    );
+    let onto = workspace
+        .op(
+            &ada,
+            Op::RenamePath {
+                from: "lib".into(),
+                to: "README.md".into(),
+            },
+        )
+        .await
+        .expect_err("target exists");
+    assert_eq!(onto.code, ErrorCode::Conflict);
+    let into_itself = workspace
+        .op(
+            &ada,
+            Op::RenamePath {
+                from: "lib".into(),
+                to: "lib/x".into(),
+            },
+        )
+        .await
+        .expect_err("into itself");
+    assert_eq!(into_itself.code, ErrorCode::BadRequest);
+    let missing = workspace
+        .op(
+            &ada,
+            Op::RenamePath {
+                from: "nope".into(),
+                to: "x".into(),
+            },
+        )
+        .await
+        .expect_err("missing");
+    assert_eq!(missing.code, ErrorCode::NotFound);
+
+    let stale = workspace
+        .op(
+            &ada,
+            Op::DeletePath {
+                path: "lib/parts/gear.rhai".into(),
+                base_version: Some("0".repeat(40)),
+            },
+        )
+        .await
+        .expect_err("stale delete");
+    assert_eq!(
+        (stale.code, stale.current_version.as_deref()),
+        (ErrorCode::Conflict, Some(v.as_str()))
+    );
+    workspace
+        .op(
+            &ada,
+            Op::DeletePath {
+                path: "lib/parts/gear.rhai".into(),
+                base_version: Some(v.clone()),
+            },
+        )
+        .await
+        .expect("delete file");
+    assert!(matches!(
+        next_event(&mut bob_events).await,
+        Event::FileChanged {
+            deleted: true,
+            kind: EntryKind::File,
+            ..
+        }
+    ));
+    workspace
+        .op(
+            &ada,
+            Op::DeletePath {
+                path: "lib".into(),
+                base_version: None,
+            },
+        )
+        .await
+        .expect("delete dir");
+    assert!(matches!(
+        next_event(&mut bob_events).await,
+        Event::FileChanged {
+            deleted: true,
+            kind: EntryKind::Dir,
+            ..
+        }
+    ));
+    let Reply::Tree { entries } = workspace
+        .op(&ada, Op::ListTree { path: None })
+        .await
+        .expect("list")
+    else {
+        panic!()
+    };
+    let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(paths, ["README.md", "empty", "empty/inner"]);
+    let gone = workspace
+        .op(
+            &ada,
+            Op::DeletePath {
+                path: "lib".into(),
+                base_version: None,
+            },
+        )
+        .await
+        .expect_err("gone");
+    assert_eq!(gone.code, ErrorCode::NotFound);
+}
+
+async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "olga", Role::Owner).await;
+    let olga = "olga".to_string();
+    let (_, readme) = read(&workspace, "olga", "README.md").await.expect("read");
+    write(
+        &workspace,
+        "olga",
+        "README.md",
+        b"# Demo\n\nA gearbox.\n",
+        Some(&readme),
+    )
+    .await
+    .expect("modify");
+    write(&workspace, "olga", "src/box.rhai", b"cube(1, 1, 1)\n", None)
+        .await
+        .expect("add");
+    write(&workspace, "olga", "notes.txt", b"todo\n", None)
+        .await
+        .expect("add");
+
+    let Reply::Status {
+        branch, changes, ..
+    } = workspace.op(&olga, Op::GitStatus).await.expect("status")
+    else {
+        panic!()
+    };
+    assert_eq!(branch, "main");
+    let ours: Vec<(String, String)> = changes.into_iter().map(|c| (c.path, c.status)).collect();
+    let copy = saved_copy(&fixture, &workspace, &fixture.key).await;
+    let cli: Vec<(String, String)> = git(copy.path(), &["status", "--porcelain=v1", "-uall"])
+        .lines()
+        .map(|line| {
+            let status = match &line[..2] {
+                " M" | "M " | "MM" => "modified",
+                "??" => "untracked",
+                " D" | "D " => "deleted",
+                "A " => "added",
+                other => panic!("unexpected status {other:?}"),
+            };
+            (line[3..].to_string(), status.to_string())
+        })
+        .collect();
+    assert_eq!(ours, cli);
+
+    let Reply::Diff { diff } = workspace
+        .op(
+            &olga,
+            Op::GitDiff {
+                path: Some("README.md".into()),
+            },
+        )
+        .await
+        .expect("diff")
+    else {
+        panic!()
+    };
+    assert_eq!(diff, git(copy.path(), &["diff", "HEAD", "--", "README.md"]));
+    let Reply::Diff { diff: whole } = workspace
+        .op(&olga, Op::GitDiff { path: None })
+        .await
+        .expect("diff")
+    else {
+        panic!()
+    };
+    git(copy.path(), &["add", "--intent-to-add", "."]);
+    assert_eq!(
+        whole,
+        git(copy.path(), &["diff", "HEAD"]),
+        "new files show as additions"
+    );
+
+    let Reply::Committed { commit: first } = workspace
+        .op(
+            &olga,
+            Op::GitCommit {
+                message: "Add the box".into(),
+                paths: Some(vec!["src".into()]),
+            },
+        )
+        .await
+        .expect("commit src only")
+    else {
+        panic!()
+    };
+    let Reply::Status { changes, .. } = workspace.op(&olga, Op::GitStatus).await.expect("status")
+    else {
+        panic!()
+    };
+    let left: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(left, ["README.md", "notes.txt"], "only src was committed");
+    let Reply::Committed { commit: second } = workspace
+        .op(
+            &olga,
+            Op::GitCommit {
+                message: "Describe it".into(),
+                paths: None,
+            },
+        )
+        .await
+        .expect("commit all")
+    else {
+        panic!()
+    };
+    let empty = workspace
+        .op(
+            &olga,
+            Op::GitCommit {
+                message: "Nothing".into(),
+                paths: None,
+            },
+        )
+        .await
+        .expect_err("nothing to commit");
+    assert_eq!(empty.code, ErrorCode::Conflict);
+    let blank = workspace
+        .op(
+            &olga,
+            Op::GitCommit {
+                message: "  \n".into(),
+                paths: None,
+            },
+        )
+        .await
+        .expect_err("empty message");
+    assert_eq!(blank.code, ErrorCode::BadRequest);
+
+    let Reply::Log { commits } = workspace
+        .op(&olga, Op::GitLog { limit: Some(10) })
+        .await
+        .expect("log")
+    else {
+        panic!()
+    };
+    let copy = saved_copy(&fixture, &workspace, &fixture.key).await;
+    let cli_log = git(copy.path(), &["log", "--format=%H|%an|%ae|%s"]);
+    let ours: Vec<String> = commits
+        .iter()
+        .map(|c| format!("{}|{}|{}|{}", c.id, c.author, c.email, c.message.trim_end()))
+        .collect();
+    assert_eq!(ours, cli_log.lines().collect::<Vec<_>>());
+    assert_eq!(
+        (commits[0].id.as_str(), commits[1].id.as_str()),
+        (second.as_str(), first.as_str())
+    );
+    assert_eq!(
+        commits[0].author, "olga Example",
+        "author from the session's user"
+    );
+    assert!(
+        git(copy.path(), &["status", "--porcelain"]).is_empty(),
+        "clean after commit"
+    );
+    let Reply::Status { changes, head, .. } =
+        workspace.op(&olga, Op::GitStatus).await.expect("status")
+    else {
+        panic!()
+    };
+    assert!(changes.is_empty());
+    assert_eq!(head, second);
+}
+
+async fn create_branch_starts_a_new_workspace_at_the_source_head(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "olga", Role::Owner).await;
+    let olga = "olga".to_string();
+    write(&workspace, "olga", "part.rhai", b"cube(2, 2, 2)\n", None)
+        .await
+        .expect("write");
+    let Reply::Committed { commit } = workspace
+        .op(
+            &olga,
+            Op::GitCommit {
+                message: "Part".into(),
+                paths: None,
+            },
+        )
+        .await
+        .expect("commit")
+    else {
+        panic!()
+    };
+    write(&workspace, "olga", "draft.txt", b"uncommitted\n", None)
+        .await
+        .expect("uncommitted");
+
+    let Reply::BranchCreated {
+        branch,
+        head,
+        snapshot_version,
+    } = workspace
+        .op(
+            &olga,
+            Op::GitCreateBranch {
+                name: "feature/gears".into(),
+            },
+        )
+        .await
+        .expect("create branch")
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (branch.as_str(), head.as_str(), snapshot_version),
+        ("feature/gears", commit.as_str(), 1)
+    );
+    let Reply::Branches { branches } = workspace
+        .op(&olga, Op::GitBranches)
+        .await
+        .expect("branches")
+    else {
+        panic!()
+    };
+    assert_eq!(branches, ["feature/gears", "main"]);
+
+    let feature = fixture
+        .start_branch("feature/gears")
+        .await
+        .expect("the branch activates");
+    let _f = attach(&feature, "olga", Role::Owner).await;
+    let Reply::Status {
+        branch,
+        head,
+        changes,
+    } = feature.op(&olga, Op::GitStatus).await.expect("status")
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (branch.as_str(), head.as_str()),
+        ("feature/gears", commit.as_str())
+    );
+    assert!(changes.is_empty(), "a clean checkout of HEAD: {changes:?}");
+    assert_eq!(
+        read(&feature, "olga", "part.rhai")
+            .await
+            .expect("committed file")
+            .0,
+        b"cube(2, 2, 2)\n"
+    );
+    assert_eq!(
+        read(&feature, "olga", "draft.txt")
+            .await
+            .expect_err("uncommitted stays behind")
+            .code,
+        ErrorCode::NotFound
+    );
+
+    let again = workspace
+        .op(
+            &olga,
+            Op::GitCreateBranch {
+                name: "feature/gears".into(),
+            },
+        )
+        .await
+        .expect_err("exists");
+    assert_eq!(again.code, ErrorCode::Conflict);
+    for bad in ["a..b", "-x", "has space", "end.lock", "x~1", ""] {
+        let err = workspace
+            .op(&olga, Op::GitCreateBranch { name: bad.into() })
+            .await
+            .expect_err(bad);
+        assert_eq!(err.code, ErrorCode::BadRequest, "{bad:?}");
+    }
+}
+
+async fn save_then_reactivation_restores_uncommitted_edits_byte_for_byte(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "olga", Role::Owner).await;
+    let olga = "olga".to_string();
+    let binary: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    write(&workspace, "olga", "assets/mesh.bin", &binary, None)
+        .await
+        .expect("binary");
+    write(
+        &workspace,
+        "olga",
+        "ünïcode name.txt",
+        "ß→∑\n".as_bytes(),
+        None,
+    )
+    .await
+    .expect("unicode");
+    workspace
+        .op(
+            &olga,
+            Op::MakeDir {
+                path: "empty".into(),
+            },
+        )
+        .await
+        .expect("dir");
+
+    let Reply::Saved {
+        snapshot_version,
+        saved,
+    } = workspace.op(&olga, Op::Save).await.expect("save")
+    else {
+        panic!()
+    };
+    assert_eq!((snapshot_version, saved), (2, true));
+    let Reply::Saved {
+        snapshot_version,
+        saved,
+    } = workspace.op(&olga, Op::Save).await.expect("save again")
+    else {
+        panic!()
+    };
+    assert_eq!(
+        (snapshot_version, saved),
+        (2, false),
+        "nothing changed: no new version"
+    );
+    assert_eq!(
+        fixture
+            .store
+            .list_snapshots(&fixture.key)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+    workspace.stop().await;
+
+    let again = fixture.start().await;
+    let _b = attach(&again, "olga", Role::Owner).await;
+    assert_eq!(
+        read(&again, "olga", "assets/mesh.bin")
+            .await
+            .expect("binary")
+            .0,
+        binary
+    );
+    assert_eq!(
+        read(&again, "olga", "ünïcode name.txt")
+            .await
+            .expect("unicode")
+            .0,
+        "ß→∑\n".as_bytes()
+    );
+    let Reply::Tree { entries } = again
+        .op(
+            &olga,
+            Op::ListTree {
+                path: Some("empty".into()),
+            },
+        )
+        .await
+        .expect("empty dir survives")
+    else {
+        panic!()
+    };
+    assert!(entries.is_empty());
+    let Reply::Status { changes, .. } = again.op(&olga, Op::GitStatus).await.expect("status")
+    else {
+        panic!()
+    };
+    let untracked: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
+    assert_eq!(
+        untracked,
+        ["assets/mesh.bin", "ünïcode name.txt"],
+        "still uncommitted"
+    );
+}
+
+async fn every_bad_path_is_refused(db: TestDb) {
+    let fixture = Fixture::with(db, |config| {
+        config.max_file = 1024;
+        config.max_path = 64;
+    })
+    .await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "ada", Role::Editor).await;
+    for bad in [
+        "../escape",
+        "a/../../escape",
+        "/etc/passwd",
+        ".git/config",
+        ".git",
+        "sub/.GIT/x",
+        "nul\0byte",
+        "",
+        "back\\slash",
+    ] {
+        let err = write(&workspace, "ada", bad, b"x", None)
+            .await
+            .expect_err(bad);
+        assert_eq!(
+            err.code,
+            ErrorCode::BadRequest,
+            "write {bad:?}: {}",
+            err.message
+        );
+        let err = read(&workspace, "ada", bad).await.expect_err(bad);
+        assert_eq!(err.code, ErrorCode::BadRequest, "read {bad:?}");
+    }
+    let long = "x".repeat(65);
+    assert_eq!(
+        write(&workspace, "ada", &long, b"x", None)
+            .await
+            .expect_err("long")
+            .code,
+        ErrorCode::TooLarge
+    );
+    assert_eq!(
+        write(&workspace, "ada", "big.bin", &[0u8; 1025], None)
+            .await
+            .expect_err("big")
+            .code,
+        ErrorCode::TooLarge
+    );
+
+    // A symbolic link planted in the working dir leads nowhere.
+    let dir = workspace.info().await.expect("info").dir;
+    let outside = tempfile::tempdir().expect("outside");
+    std::fs::write(outside.path().join("secret"), b"secret").expect("secret");
+    std::os::unix::fs::symlink(outside.path(), dir.join("link")).expect("symlink");
+    for path in ["link/secret", "link"] {
+        assert_eq!(
+            read(&workspace, "ada", path).await.expect_err(path).code,
+            ErrorCode::BadRequest
+        );
+    }
+    assert_eq!(
+        write(&workspace, "ada", "link/new", b"x", None)
+            .await
+            .expect_err("through link")
+            .code,
+        ErrorCode::BadRequest
+    );
+    assert!(
+        !outside.path().join("new").exists(),
+        "nothing was written outside"
+    );
+    let Reply::Tree { entries } = workspace
+        .op(&"ada".to_string(), Op::ListTree { path: None })
+        .await
+        .expect("list")
+    else {
+        panic!()
+    };
+    assert!(
+        entries.iter().all(|e| e.path != "link"),
+        "links are not part of the tree"
+    );
+}
+
+async fn the_working_dir_is_removed_when_the_actor_stops_or_is_killed(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let stopped = fixture.start().await;
+    let dir = stopped.info().await.expect("info").dir;
+    assert!(dir.join("README.md").exists());
+    stopped.stop().await;
+    assert!(!dir.exists(), "removed after a stop");
+
+    let killed = fixture.start().await;
+    let dir = killed.info().await.expect("info").dir;
+    killed.actor().kill_and_wait(None).await.expect("kill");
+    assert!(!dir.exists(), "removed after a kill");
+}
