@@ -249,6 +249,7 @@ pub enum Reply {
     /// The caller holds the edit lock until `expires_at` (ms since the epoch).
     LockTaken {
         holder: SessionId,
+        user: String,
         expires_at: i64,
     },
     Saved {

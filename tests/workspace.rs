@@ -370,10 +370,15 @@ async fn a_lock_refuses_strangers_writes_serves_their_reads_and_expires(db: Test
         .op(&"ada".to_string(), Op::Lock { ttl_ms: Some(400) })
         .await
         .expect("lock");
-    let Reply::LockTaken { holder, expires_at } = taken else {
+    let Reply::LockTaken {
+        holder,
+        user,
+        expires_at,
+    } = taken
+    else {
         panic!("{taken:?}")
     };
-    assert_eq!(holder, "ada");
+    assert_eq!((holder.as_str(), user.as_str()), ("ada", "ada"));
     assert!(
         matches!(next_event(&mut bob_events).await, Event::LockChanged { lock: Some(l), .. } if l.holder == "ada")
     );
@@ -710,6 +715,15 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
     write(&workspace, "olga", "notes.txt", b"todo\n", None)
         .await
         .expect("add");
+    write(
+        &workspace,
+        "olga",
+        "src-extra/other.rhai",
+        b"sphere(1)\n",
+        None,
+    )
+    .await
+    .expect("add");
 
     let Reply::Status {
         branch, changes, ..
@@ -780,7 +794,11 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         panic!()
     };
     let left: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
-    assert_eq!(left, ["README.md", "notes.txt"], "only src was committed");
+    assert_eq!(
+        left,
+        ["README.md", "notes.txt", "src-extra/other.rhai"],
+        "only src was committed, literally (not src-extra)"
+    );
     let Reply::Committed { commit: second } = workspace
         .op(
             &olga,
@@ -816,6 +834,22 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         .await
         .expect_err("empty message");
     assert_eq!(blank.code, ErrorCode::BadRequest);
+    for (paths, code) in [
+        (vec![], ErrorCode::BadRequest),
+        (vec!["nope".to_string()], ErrorCode::NotFound),
+    ] {
+        let err = workspace
+            .op(
+                &olga,
+                Op::GitCommit {
+                    message: "m".into(),
+                    paths: Some(paths.clone()),
+                },
+            )
+            .await
+            .expect_err("bad paths");
+        assert_eq!(err.code, code, "{paths:?}: {}", err.message);
+    }
 
     let Reply::Log { commits } = workspace
         .op(&olga, Op::GitLog { limit: Some(10) })
@@ -1104,6 +1138,21 @@ async fn every_bad_path_is_refused(db: TestDb) {
             .code,
         ErrorCode::TooLarge
     );
+
+    // A path that runs through a file is refused, not an internal error.
+    let through_file = write(&workspace, "ada", "README.md/inner", b"x", None)
+        .await
+        .expect_err("through a file");
+    assert_eq!(
+        through_file.code,
+        ErrorCode::BadRequest,
+        "{}",
+        through_file.message
+    );
+    let read_through = read(&workspace, "ada", "README.md/inner")
+        .await
+        .expect_err("through a file");
+    assert_eq!(read_through.code, ErrorCode::NotFound);
 
     // A symbolic link planted in the working dir leads nowhere.
     let dir = workspace.info().await.expect("info").dir;

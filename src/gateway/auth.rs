@@ -192,14 +192,20 @@ pub async fn create_user(
         .email
         .filter(|e| !e.trim().is_empty())
         .unwrap_or_else(|| format!("{}@branchd.invalid", spec.username));
-    if display_name.chars().count() > 200 || display_name.chars().any(char::is_control) {
+    if display_name.chars().count() > 200
+        || display_name
+            .chars()
+            .any(|c| c.is_control() || c == '<' || c == '>')
+    {
         return Err(ApiError::bad_request(
-            "display_name must be at most 200 characters with no control characters",
+            "display_name must be at most 200 characters, with no control characters, '<' or '>' (it is the git author name)",
         ));
     }
     if email.len() > 254
         || !email.contains('@')
-        || email.chars().any(|c| c.is_whitespace() || c.is_control())
+        || email
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>')
     {
         return Err(ApiError::bad_request(format!(
             "email {email:?} is not an email address"

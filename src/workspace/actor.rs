@@ -47,8 +47,6 @@ pub struct WorkspaceSettings {
     pub lock_ttl: Duration,
     /// Longest lock lifetime a client may ask for.
     pub max_lock_ttl: Duration,
-    /// Events buffered per session before it counts as too slow.
-    pub event_buffer: usize,
 }
 
 impl WorkspaceSettings {
@@ -64,7 +62,6 @@ impl WorkspaceSettings {
             snapshots_kept: config.snapshots_kept,
             lock_ttl: config.lock_ttl,
             max_lock_ttl: config.max_lock_ttl,
-            event_buffer: 1024,
         }
     }
 }
@@ -432,8 +429,11 @@ impl WorkspaceState {
                 ..OpError::new(
                     ErrorCode::Locked,
                     format!(
-                        "{} holds the edit lock until {}; wait, or ask them to unlock",
-                        lock.info.user, lock.info.expires_at
+                        "{} holds the edit lock for another {:.1} s; wait, or ask them to unlock",
+                        lock.info.user,
+                        lock.deadline
+                            .saturating_duration_since(Instant::now())
+                            .as_secs_f64()
                     ),
                 )
             }),
@@ -565,7 +565,7 @@ impl WorkspaceState {
                     Some(lock) if &lock.info.holder == session => {
                         self.lock = None;
                         self.broadcast(
-                            None,
+                            Some(session),
                             Event::LockChanged {
                                 lock: None,
                                 by: Some(by),
@@ -638,9 +638,8 @@ impl WorkspaceState {
                     name: who.display_name.clone(),
                     email: who.email.clone(),
                 };
-                let text = message.clone();
-                let commit = blocking("committing", move || {
-                    repo::commit(&dir, &text, paths.as_deref(), &author, now_ms())
+                let (commit, message) = blocking("committing", move || {
+                    repo::commit(&dir, &message, paths.as_deref(), &author, now_ms())
                 })
                 .await?;
                 self.dirty = true;
@@ -741,6 +740,7 @@ impl WorkspaceState {
         );
         Ok(Reply::LockTaken {
             holder: info.holder,
+            user: info.user,
             expires_at: info.expires_at,
         })
     }

@@ -78,7 +78,15 @@ impl Files {
             Ok(meta) if meta.is_dir() => Ok(Some(EntryKind::Dir)),
             Ok(meta) if meta.is_file() => Ok(Some(EntryKind::File)),
             Ok(_) => Ok(None), // links and specials are not part of the tree
-            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+            // A missing entry, or a "directory" on the way that is a file.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                Ok(None)
+            }
             Err(err) => Err(err),
         }
     }
@@ -138,8 +146,8 @@ impl Files {
                 let Some(name) = item.file_name().to_str().map(str::to_string) else {
                     continue; // names that are not UTF-8 cannot be named by clients
                 };
-                if prefix.is_empty() && name == ".git" {
-                    continue;
+                if name.eq_ignore_ascii_case(".git") {
+                    continue; // clients can never name it, so it is never listed
                 }
                 let rel = if prefix.is_empty() {
                     name

@@ -147,15 +147,48 @@ pub fn diff(dir: &Path, path: Option<&WorkPath>) -> Result<String, OpError> {
     Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
+/// Stages one named path exactly (never as a pattern): a file, a directory
+/// and everything below it, or a path gone from the work tree (a deletion).
+/// A path that is neither in the work tree nor in HEAD is `NotFound`.
+fn stage_path(index: &mut git2::Index, dir: &Path, path: &WorkPath) -> Result<(), git2::Error> {
+    let name = path.as_str();
+    let below = format!("{name}/");
+    let on_disk = dir.join(name);
+    if on_disk.is_file() {
+        return index.add_path(Path::new(name));
+    }
+    let tracked = index
+        .iter()
+        .any(|entry| entry.path == name.as_bytes() || entry.path.starts_with(below.as_bytes()));
+    if on_disk.is_dir() {
+        let mut only_below = |found: &Path, _spec: &[u8]| -> i32 {
+            i32::from(!found.to_str().is_some_and(|f| f.starts_with(&below)))
+        };
+        index.add_all(["*"], IndexAddOption::DEFAULT, Some(&mut only_below))?;
+        return index.update_all(["*"], Some(&mut only_below));
+    }
+    if !tracked {
+        return Err(git2::Error::new(
+            git2::ErrorCode::NotFound,
+            git2::ErrorClass::Index,
+            format!("{name:?} is neither in the work tree nor in HEAD"),
+        ));
+    }
+    // Gone from the work tree: drop it (file or directory) from the commit.
+    let _ = index.remove_path(Path::new(name));
+    index.remove_dir(Path::new(name), 0)
+}
+
 /// Commits every change in the work tree, or only those at `paths`, as
 /// `author` at `time_ms`. Refuses (`conflict`) when nothing would change.
+/// Returns the commit id and the message as stored (cleaned up as git does).
 pub fn commit(
     dir: &Path,
     message: &str,
     paths: Option<&[WorkPath]>,
     author: &GitAuthor,
     time_ms: i64,
-) -> Result<String, OpError> {
+) -> Result<(String, String), OpError> {
     let message = git2::message_prettify(message, None)
         .map_err(|e| OpError::bad_request(format!("commit message is not usable: {e}")))?;
     if message.trim().is_empty() {
@@ -173,23 +206,22 @@ pub fn commit(
         None => index
             .add_all(["*"], IndexAddOption::DEFAULT, None)
             .and_then(|()| index.update_all(["*"], None)),
-        Some(paths) => paths.iter().try_for_each(|path| {
-            let on_disk = dir.join(path.as_str());
-            if on_disk.is_dir() {
-                let below = format!("{path}/*");
-                index
-                    .add_all([below.as_str()], IndexAddOption::DEFAULT, None)
-                    .and_then(|()| index.update_all([below.as_str()], None))
-            } else if on_disk.is_file() {
-                index.add_path(Path::new(path.as_str()))
-            } else {
-                // Gone from the work tree: drop it (file or directory) from the commit.
-                let _ = index.remove_path(Path::new(path.as_str()));
-                index.remove_dir(Path::new(path.as_str()), 0)
-            }
-        }),
+        Some([]) => {
+            return Err(OpError::bad_request(
+                "paths is empty: omit it to commit everything",
+            ));
+        }
+        Some(paths) => paths
+            .iter()
+            .try_for_each(|path| stage_path(&mut index, dir, path)),
     };
-    staged.map_err(|e| git_error("staging the changes", e))?;
+    staged.map_err(|e| match e.code() {
+        git2::ErrorCode::NotFound => OpError::not_found(format!(
+            "nothing to commit at a named path: {}",
+            e.message()
+        )),
+        _ => git_error("staging the changes", e),
+    })?;
     let tree_id = index
         .write_tree()
         .map_err(|e| git_error("writing the tree", e))?;
@@ -218,7 +250,7 @@ pub fn commit(
     index
         .write()
         .map_err(|e| git_error("writing the index", e))?;
-    Ok(id.to_string())
+    Ok((id.to_string(), message))
 }
 
 /// Up to `limit` commits reachable from HEAD, newest first.

@@ -35,7 +35,7 @@ pub struct Unpacked {
 /// Packs the contents of `dir` (paths relative to it) into a tar.gz blob.
 /// Symbolic links are stored as links, never followed.
 pub fn pack(dir: &Path) -> io::Result<Vec<u8>> {
-    let encoder = GzEncoder::new(Vec::new(), Compression::default());
+    let encoder = GzEncoder::new(Vec::new(), Compression::fast());
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
