@@ -384,3 +384,74 @@ pub enum Event {
         by: Option<Doer>,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug>(
+        value: &T,
+    ) -> Vec<u8> {
+        let bytes = rmp_serde::to_vec_named(value).expect("encode");
+        let back: T = rmp_serde::from_slice(&bytes).expect("decode");
+        assert_eq!(&back, value);
+        bytes
+    }
+
+    #[test]
+    fn ops_replies_and_events_travel_as_messagepack_maps_with_binary_content() {
+        let content = vec![0u8, 159, 146, 150, 255];
+        let op = Op::WriteFile {
+            path: "a.bin".into(),
+            content: content.clone(),
+            base_version: None,
+            force: false,
+        };
+        let bytes = round_trip(&op);
+        // A map with the tag and named fields; the content as a bin, not an array.
+        assert!(bytes.windows(10).any(|w| w == b"write_file"));
+        assert!(
+            bytes
+                .windows(2 + content.len())
+                .any(|w| w[0] == 0xc4 && w[1] == 5 && w[2..] == content[..])
+        );
+
+        round_trip(&Op::GitLog { limit: Some(5) });
+        round_trip(&Op::Unlock);
+        round_trip(&Reply::File {
+            path: "a.bin".into(),
+            content,
+            version: "v".into(),
+        });
+        round_trip(&Event::LockChanged {
+            lock: None,
+            by: Some(Doer {
+                session: "s".into(),
+                user: "u".into(),
+            }),
+        });
+        round_trip(&OpError::conflict("stale", Some("abc".into())));
+    }
+
+    #[test]
+    fn optional_arguments_may_be_left_out() {
+        #[derive(Serialize)]
+        struct Minimal<'a> {
+            op: &'a str,
+            path: &'a str,
+        }
+        let bytes = rmp_serde::to_vec_named(&Minimal {
+            op: "delete_path",
+            path: "x",
+        })
+        .expect("encode");
+        let op: Op = rmp_serde::from_slice(&bytes).expect("decode");
+        assert_eq!(
+            op,
+            Op::DeletePath {
+                path: "x".into(),
+                base_version: None
+            }
+        );
+    }
+}
