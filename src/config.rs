@@ -107,6 +107,19 @@ pub struct Config {
     #[arg(long, env = "BRANCHD_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
 
+    /// How many times a crashing workspace is restarted within the restart
+    /// window before it is marked failed.
+    #[arg(long, env = "BRANCHD_RESTART_LIMIT", default_value_t = 3)]
+    pub restart_limit: u32,
+
+    /// The window the restart limit counts in.
+    #[arg(long, env = "BRANCHD_RESTART_WINDOW", default_value = "60s", value_parser = parse_duration)]
+    pub restart_window: Duration,
+
+    /// How long a shutdown waits for workspaces to be saved and stopped.
+    #[arg(long, env = "BRANCHD_DRAIN_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// How long a node's claims stay valid after its last heartbeat.
     #[arg(long, env = "BRANCHD_LEASE", default_value = "5s", value_parser = parse_duration)]
     pub lease: Duration,

@@ -6,11 +6,13 @@
 //! `../DESIGN.md` (shared with the team) is the full architecture; this page
 //! says where each part lives.
 //!
+//! - [`allocator`]: this node's supervisor of workspace actors: registry,
+//!   reference counts, restarts, garbage collection, drain.
 //! - [`config`]: every knob, from flags and `BRANCHD_*` environment variables.
 //! - [`storage`]: the [`storage::Store`] trait and its SQLite/Postgres
 //!   implementation; the only code that speaks SQL.
-//! - [`workspace`]: working copies on disk: creating repositories, packing and
-//!   unpacking snapshots.
+//! - [`workspace`]: the workspace actor, owner of one live working copy, and
+//!   the file, git and snapshot code under it.
 //! - [`gateway`]: the HTTP side (axum): authentication, the projects API,
 //!   health checks, and the error type that maps to HTTP.
 //! - [`protocol`]: wire types shared by every boundary (error codes today).
@@ -21,6 +23,7 @@
 //! integration tests in `tests/` drive the same library through a real server
 //! on a real socket.
 
+pub mod allocator;
 pub mod config;
 pub mod gateway;
 pub mod protocol;

@@ -375,6 +375,16 @@ pub enum Event {
         head: String,
         by: Doer,
     },
+    /// The workspace's actor failed and was restarted from the last saved
+    /// state; the session stays attached. Re-read what is on screen.
+    WorkspaceRestarted {
+        reason: String,
+    },
+    /// The workspace failed too often and is stopped; the session is
+    /// detached. Reconnecting answers `unavailable` until it is reset.
+    WorkspaceFailed {
+        reason: String,
+    },
     /// The edit lock was taken, renewed, released or expired; `lock` is the
     /// new state (absent: unlocked).
     LockChanged {

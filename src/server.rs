@@ -1,6 +1,6 @@
 //! Wires branchd together for `branchd serve`: opens the store, applies
-//! migrations, makes sure an administrator exists, binds the HTTP listener
-//! and runs until told to stop.
+//! migrations, makes sure an administrator exists, binds the HTTP listener,
+//! starts the allocator, and runs until told to stop; then drains.
 //!
 //! [`Server`] is a value with an explicit [`Server::shutdown`], so the binary
 //! and the integration tests start and stop the real service the same way.
@@ -8,6 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,9 +16,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::allocator::{Allocator, AllocatorSettings};
 use crate::config::Config;
 use crate::gateway::{self, AppState, auth};
 use crate::storage::{self, Store, redact_url};
+use crate::workspace::WorkspaceSettings;
 
 /// The administrator created on first start.
 pub const ADMIN_USERNAME: &str = "admin";
@@ -32,6 +35,8 @@ const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 pub struct Server {
     local_addr: SocketAddr,
     store: Arc<dyn Store>,
+    allocator: Allocator,
+    draining: Arc<AtomicBool>,
     /// The password of the `admin` user if this start created it with a
     /// generated password; shown once, never stored in clear.
     pub generated_admin_password: Option<String>,
@@ -66,10 +71,23 @@ impl Server {
         let server_tag: Arc<str> = config.server_tag().into();
         tracing::info!(%local_addr, server_tag = %server_tag, "listening");
 
+        let mut allocator_settings = AllocatorSettings::from_config(&config);
+        allocator_settings.http_addr = Some(local_addr.to_string());
+        let allocator = Allocator::start(
+            store.clone(),
+            WorkspaceSettings::from_config(&config),
+            allocator_settings,
+        )
+        .await
+        .context("starting the allocator")?;
+
+        let draining = Arc::new(AtomicBool::new(false));
         let state = AppState {
             store: store.clone(),
             config: Arc::new(config),
             server_tag,
+            allocator: allocator.clone(),
+            draining: draining.clone(),
         };
         let (stop, stopped) = watch::channel(false);
         let mut on_stop = stopped.clone();
@@ -82,6 +100,8 @@ impl Server {
         Ok(Server {
             local_addr,
             store,
+            allocator,
+            draining,
             generated_admin_password,
             stop,
             http,
@@ -98,9 +118,18 @@ impl Server {
         &self.store
     }
 
-    /// Stops accepting connections, lets in-flight requests finish (up to a
-    /// grace period), and returns when the server is down.
+    pub fn allocator(&self) -> &Allocator {
+        &self.allocator
+    }
+
+    /// Drains: readiness turns to 503, workspaces are saved and stopped
+    /// and this node's rows removed (within the drain timeout); then the
+    /// HTTP server stops accepting connections and lets in-flight requests
+    /// finish (up to a grace period). Returns when the server is down.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.draining.store(true, Ordering::SeqCst);
+        self.allocator.drain().await;
+        self.allocator.stop().await;
         let _ = self.stop.send(true);
         self.housekeeping.abort();
         let mut http = self.http;

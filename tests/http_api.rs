@@ -455,3 +455,49 @@ async fn health_and_readiness_answer(db: TestDb) {
     assert_eq!((status, ready), (200, json!({"status": "ready"})));
     server.stop().await;
 }
+
+mod ops {
+    use super::*;
+    use branchd::storage::{Role, WorkspaceKey};
+
+    #[tokio::test]
+    async fn ops_workspaces_lists_live_workspaces_for_admins_only() {
+        let server = TestServer::start(TestDb::sqlite().await).await;
+        let admin = server.admin_token().await;
+        let (_, project) = server
+            .post("/api/projects", &admin, json!({"name": "Ops"}))
+            .await;
+        let key = WorkspaceKey::new(project["id"].as_i64().expect("id"), "main");
+        let (events, _received) = tokio::sync::mpsc::channel(8);
+        server
+            .server
+            .as_ref()
+            .expect("running")
+            .allocator()
+            .register(common::session("ada", Role::Editor), &key, events)
+            .await
+            .expect("register");
+
+        let (status, view) = server.get("/ops/api/workspaces", &admin).await;
+        assert_eq!(status, 200, "{view}");
+        assert_eq!(view["server_tag"], "test-node");
+        assert_eq!(view["stats"]["activations"], 1);
+        let workspace = &view["workspaces"][0];
+        assert_eq!(workspace["state"], "active");
+        assert_eq!(workspace["ref_count"], 1);
+        assert_eq!(workspace["sessions"], json!(["ada"]));
+
+        let viewer = server.user(&admin, "vera").await;
+        let refused = server.get("/ops/api/workspaces", &viewer).await;
+        assert_error(&refused, 403, "forbidden", "administrator");
+        let (status, reset) = server
+            .post(
+                "/ops/api/workspaces/reset",
+                &admin,
+                json!({"project": key.project_id, "branch": "main"}),
+            )
+            .await;
+        assert_eq!((status, reset), (200, json!({"reset": false})));
+        server.stop().await;
+    }
+}

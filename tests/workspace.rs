@@ -10,10 +10,9 @@ use std::time::Duration;
 
 use branchd::config::Config;
 use branchd::protocol::{EntryKind, ErrorCode, Event, Op, OpError, Reply};
-use branchd::storage::{NewSnapshot, NewUser, Role, Store, WorkspaceKey};
-use branchd::workspace::repo::GitAuthor;
-use branchd::workspace::{SessionInfo, Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
-use common::TestDb;
+use branchd::storage::{Role, Store, WorkspaceKey};
+use branchd::workspace::{Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
+use common::{Setup, TestDb, session};
 use tokio::sync::mpsc;
 
 on_both_backends!(
@@ -36,8 +35,7 @@ struct Fixture {
     store: Arc<dyn Store>,
     settings: WorkspaceSettings,
     key: WorkspaceKey,
-    _data: tempfile::TempDir,
-    _db: TestDb,
+    _setup: Setup,
 }
 
 impl Fixture {
@@ -46,48 +44,12 @@ impl Fixture {
     }
 
     async fn with(db: TestDb, adjust: impl FnOnce(&mut Config)) -> Fixture {
-        let store = db.open().await;
-        let data = tempfile::tempdir().expect("data dir");
-        let mut config = Config::from_env().expect("config");
-        config.database.data_dir = data.path().to_path_buf();
-        config.workspace_dir = None;
-        adjust(&mut config);
-        let owner = store
-            .create_user(NewUser {
-                username: "olga".into(),
-                display_name: "Olga Owner".into(),
-                email: "olga@example.com".into(),
-                password_hash: "x".into(),
-                is_admin: false,
-            })
-            .await
-            .expect("user");
-        let author = GitAuthor {
-            name: "Olga Owner".into(),
-            email: "olga@example.com".into(),
-        };
-        let first = branchd::workspace::first_snapshot(data.path(), "main", "# Demo\n", &author)
-            .expect("first snapshot");
-        let (project, _) = store
-            .create_project(
-                "Demo",
-                owner.id,
-                "main",
-                NewSnapshot {
-                    data: first,
-                    author: None,
-                    journal_seq: 0,
-                    keep: 10,
-                },
-            )
-            .await
-            .expect("project");
+        let setup = Setup::new(db, adjust).await;
         Fixture {
-            store,
-            settings: WorkspaceSettings::from_config(&config),
-            key: WorkspaceKey::new(project.id, "main"),
-            _data: data,
-            _db: db,
+            store: setup.store.clone(),
+            settings: WorkspaceSettings::from_config(&setup.config),
+            key: setup.key.clone(),
+            _setup: setup,
         }
     }
 
@@ -106,17 +68,6 @@ impl Fixture {
         })
         .await?;
         Ok(workspace)
-    }
-}
-
-fn session(id: &str, role: Role) -> SessionInfo {
-    SessionInfo {
-        id: id.into(),
-        user_id: 1,
-        username: id.into(),
-        display_name: format!("{id} Example"),
-        email: format!("{id}@example.com"),
-        role,
     }
 }
 

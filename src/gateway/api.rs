@@ -35,8 +35,15 @@ pub async fn healthz() -> Json<Status> {
     Json(Status { status: "ok" })
 }
 
-/// Ready when the database answers and every migration is applied.
+/// Ready when the node is not draining, the database answers and every
+/// migration is applied.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "this node is shutting down",
+        ));
+    }
     let unreachable = || ApiError::new(ErrorCode::Unavailable, "the database is unreachable");
     match tokio::time::timeout(READY_TIMEOUT, state.store.ready()).await {
         Ok(Ok(true)) => Ok(Json(Status { status: "ready" })),

@@ -9,8 +9,10 @@
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod ops;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -24,6 +26,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+use crate::allocator::Allocator;
 use crate::config::Config;
 use crate::protocol::ErrorCode;
 use crate::storage::Store;
@@ -36,6 +39,9 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// This node's server tag.
     pub server_tag: Arc<str>,
+    pub allocator: Allocator,
+    /// Set when shutdown begins: readiness answers 503 from then on.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// The whole HTTP API.
@@ -54,6 +60,8 @@ pub fn router(state: AppState) -> Router {
             get(api::get_project).delete(api::delete_project),
         )
         .route("/api/projects/{id}/members", post(api::set_member))
+        .route("/ops/api/workspaces", get(ops::workspaces))
+        .route("/ops/api/workspaces/reset", post(ops::reset_workspace))
         .route(
             "/api/projects/{id}/members/{username}",
             delete(api::remove_member),

@@ -107,14 +107,18 @@ pub struct WorkspaceInfo {
     /// Changed since the last save.
     pub dirty: bool,
     pub snapshot_version: i64,
+    /// When a session last did something (ms since the epoch).
+    pub last_activity: i64,
 }
 
 pub enum WorkspaceMsg {
     /// Adds a session; its events go to `events`.
+    /// Attaching again replaces the session's event sink (the allocator
+    /// re-attaches sessions after a restart, with no reply port).
     Attach {
         session: SessionInfo,
         events: EventSink,
-        reply: RpcReplyPort<Result<Welcome, OpError>>,
+        reply: Option<RpcReplyPort<Result<Welcome, OpError>>>,
     },
     /// Removes a session (releasing its lock).
     Detach {
@@ -129,12 +133,18 @@ pub enum WorkspaceMsg {
     Info {
         reply: RpcReplyPort<WorkspaceInfo>,
     },
+    /// Saves on behalf of the node (garbage collection, kill, drain):
+    /// the new snapshot version and whether one was written.
+    Save {
+        reply: RpcReplyPort<Result<(i64, bool), OpError>>,
+    },
     /// The lock taken at `generation` may have run out.
     LockExpired {
         generation: u64,
     },
-    /// Makes the actor panic, to test what survives one.
-    #[cfg(test)]
+    /// Makes the actor panic, to test what survives one. Exists only in
+    /// test builds; no client message can produce it.
+    #[cfg(any(test, feature = "fault-injection"))]
     Panic,
 }
 
@@ -168,6 +178,7 @@ pub struct WorkspaceState {
     lock_generation: u64,
     dirty: bool,
     snapshot_version: i64,
+    last_activity: i64,
     /// Declared last: dropped after everything that uses the directory.
     dir: TempDir,
 }
@@ -216,7 +227,10 @@ impl Actor for WorkspaceActor {
                 events,
                 reply,
             } => {
-                let _ = reply.send(state.attach(session, events).await);
+                let welcome = state.attach(session, events).await;
+                if let Some(reply) = reply {
+                    let _ = reply.send(welcome);
+                }
             }
             WorkspaceMsg::Detach { session } => state.detach(&session),
             WorkspaceMsg::Op { session, op, reply } => {
@@ -226,8 +240,11 @@ impl Actor for WorkspaceActor {
             WorkspaceMsg::Info { reply } => {
                 let _ = reply.send(state.info());
             }
+            WorkspaceMsg::Save { reply } => {
+                let _ = reply.send(state.save(None).await);
+            }
             WorkspaceMsg::LockExpired { generation } => state.expire_lock(Some(generation)),
-            #[cfg(test)]
+            #[cfg(any(test, feature = "fault-injection"))]
             WorkspaceMsg::Panic => panic!("test-requested panic"),
         }
         Ok(())
@@ -291,6 +308,7 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
         lock_generation: 0,
         dirty: false,
         snapshot_version: version,
+        last_activity: now_ms(),
         dir,
     })
 }
@@ -332,6 +350,7 @@ impl WorkspaceState {
             lock: self.lock.as_ref().map(|l| l.info.clone()),
             dirty: self.dirty,
             snapshot_version: self.snapshot_version,
+            last_activity: self.last_activity,
         }
     }
 
@@ -340,12 +359,6 @@ impl WorkspaceState {
         session: SessionInfo,
         events: EventSink,
     ) -> Result<Welcome, OpError> {
-        if self.sessions.contains_key(&session.id) {
-            return Err(OpError::conflict(
-                format!("session {} is already attached", session.id),
-                None,
-            ));
-        }
         let dir = self.dir.path().to_path_buf();
         let (branch, head) = blocking("reading HEAD", move || repo::head(&dir)).await?;
         self.expire_lock(None);
@@ -468,6 +481,7 @@ impl WorkspaceState {
             self.check_lock(session)?;
         }
         let by = who.doer();
+        self.last_activity = now_ms();
         match op {
             Op::ListTree { path } => {
                 let under = WorkPath::parse(path.as_deref().unwrap_or(""), self.settings.max_path)?;
@@ -800,6 +814,18 @@ impl Workspace {
         }
     }
 
+    /// Starts a workspace actor supervised by `supervisor` (which learns of
+    /// its failures) and waits until it is active.
+    pub async fn start_linked(
+        args: WorkspaceArgs,
+        supervisor: ractor::ActorCell,
+    ) -> Result<Workspace, OpError> {
+        match Actor::spawn_linked(None, WorkspaceActor, args, supervisor).await {
+            Ok((actor, _)) => Ok(Workspace::from_ref(actor)),
+            Err(err) => Err(startup_error(err)),
+        }
+    }
+
     pub fn from_ref(actor: ActorRef<WorkspaceMsg>) -> Workspace {
         Workspace {
             actor,
@@ -839,9 +865,23 @@ impl Workspace {
         self.ask(|reply| WorkspaceMsg::Attach {
             session,
             events,
-            reply,
+            reply: Some(reply),
         })
         .await?
+    }
+
+    /// Attaches without waiting for the answer (re-attaching after a restart).
+    pub fn reattach(&self, session: SessionInfo, events: EventSink) {
+        let _ = self.actor.cast(WorkspaceMsg::Attach {
+            session,
+            events,
+            reply: None,
+        });
+    }
+
+    /// Saves if anything changed: the snapshot version and whether it is new.
+    pub async fn save(&self) -> Result<(i64, bool), OpError> {
+        self.ask(|reply| WorkspaceMsg::Save { reply }).await?
     }
 
     pub fn detach(&self, session: &SessionId) {

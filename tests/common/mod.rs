@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use branchd::config::Config;
 use branchd::server::Server;
-use branchd::storage::{self, Store};
+use branchd::storage::{self, NewSnapshot, NewUser, Role, Store, WorkspaceKey};
+use branchd::workspace::SessionInfo;
+use branchd::workspace::repo::GitAuthor;
 use serde_json::Value;
 use sqlx::Connection;
 
@@ -286,4 +288,94 @@ pub fn assert_error(response: &(u16, Value), status: u16, code: &str, hint: &str
         message.contains(hint),
         "message {message:?} should mention {hint:?}"
     );
+}
+
+/// A store on its own database, a data dir with a configuration pointing
+/// at it, and a project "Demo" owned by "olga" whose `main` has a first
+/// snapshot (a repository with `README.md` = "# Demo\n").
+pub struct Setup {
+    pub store: Arc<dyn Store>,
+    pub config: Config,
+    pub key: WorkspaceKey,
+    pub owner: i64,
+    pub data: tempfile::TempDir,
+    _db: TestDb,
+}
+
+impl Setup {
+    pub async fn new(db: TestDb, adjust: impl FnOnce(&mut Config)) -> Setup {
+        let store = db.open().await;
+        let data = tempfile::tempdir().expect("data dir");
+        let mut config = Config::from_env().expect("config");
+        config.database.data_dir = data.path().to_path_buf();
+        config.database.database_url = Some(db.url.clone());
+        config.workspace_dir = None;
+        adjust(&mut config);
+        let owner = store
+            .create_user(NewUser {
+                username: "olga".into(),
+                display_name: "Olga Owner".into(),
+                email: "olga@example.com".into(),
+                password_hash: "x".into(),
+                is_admin: false,
+            })
+            .await
+            .expect("user");
+        let author = GitAuthor {
+            name: "Olga Owner".into(),
+            email: "olga@example.com".into(),
+        };
+        let first = branchd::workspace::first_snapshot(data.path(), "main", "# Demo\n", &author)
+            .expect("first snapshot");
+        let (project, _) = store
+            .create_project(
+                "Demo",
+                owner.id,
+                "main",
+                NewSnapshot {
+                    data: first,
+                    author: None,
+                    journal_seq: 0,
+                    keep: 10,
+                },
+            )
+            .await
+            .expect("project");
+        Setup {
+            store,
+            config,
+            key: WorkspaceKey::new(project.id, "main"),
+            owner: owner.id,
+            data,
+            _db: db,
+        }
+    }
+}
+
+/// A session of user `id` (the username too) with `role`.
+pub fn session(id: &str, role: Role) -> SessionInfo {
+    SessionInfo {
+        id: id.into(),
+        user_id: 1,
+        username: id.into(),
+        display_name: format!("{id} Example"),
+        email: format!("{id}@example.com"),
+        role,
+    }
+}
+
+/// Polls `check` until it is true, for at most 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }

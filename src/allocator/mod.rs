@@ -1,0 +1,390 @@
+//! The allocator: this node's supervisor of workspace actors.
+//!
+//! It keeps the registry (workspace key → live actor), the sessions
+//! attached to each key, restarts crashed actors under a [`RestartPolicy`],
+//! collects workspaces left without sessions for the grace period, and
+//! drains everything on shutdown. At start it wipes the rows its server tag
+//! left behind (a crash) and keeps the node's heartbeat fresh.
+//!
+//! The allocator actor decides; it never waits. Activation (claim + unpack),
+//! saving and stopping run in tasks that report back with a message, so one
+//! slow workspace never holds up registers of another. Session rows and
+//! counts in the store are written by the [`Allocator`] handle in the
+//! caller's task. [`Allocator::get`] reads a shared map: no message, no
+//! database.
+//!
+//! It must never touch sockets or HTTP, and never run git or file work.
+
+mod actor;
+mod policy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use serde::Serialize;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::protocol::{ErrorCode, LockInfo, OpError, SessionId};
+use crate::storage::{Store, StoreError, WorkspaceKey, WsSession};
+use crate::workspace::{EventSink, SessionInfo, Welcome, Workspace, WorkspaceSettings};
+use actor::{AllocatorActor, AllocatorArgs, AllocatorMsg};
+pub use policy::RestartPolicy;
+
+/// What the allocator needs from the configuration.
+#[derive(Debug, Clone)]
+pub struct AllocatorSettings {
+    pub server_tag: String,
+    /// This node's HTTP address as others should reach it, for the `nodes` row.
+    pub http_addr: Option<String>,
+    pub lease: Duration,
+    pub heartbeat_interval: Duration,
+    pub gc_interval: Duration,
+    pub idle_grace: Duration,
+    pub restart: RestartPolicy,
+    pub drain_timeout: Duration,
+}
+
+impl AllocatorSettings {
+    pub fn from_config(config: &Config) -> AllocatorSettings {
+        AllocatorSettings {
+            server_tag: config.server_tag(),
+            http_addr: None,
+            lease: config.lease,
+            heartbeat_interval: config.heartbeat_interval,
+            gc_interval: config.gc_interval,
+            idle_grace: config.idle_grace,
+            restart: RestartPolicy {
+                limit: config.restart_limit,
+                window: config.restart_window,
+            },
+            drain_timeout: config.drain_timeout,
+        }
+    }
+}
+
+/// The shared read side of the registry: live workspaces by key.
+type Registry = Arc<RwLock<HashMap<WorkspaceKey, Workspace>>>;
+
+/// A registered session's view of its workspace.
+pub struct Registration {
+    pub workspace: Workspace,
+    pub welcome: Welcome,
+}
+
+/// One workspace as the allocator sees it, for the ops dashboard and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WorkspaceStatus {
+    pub key: WorkspaceKey,
+    /// `activating`, `active`, `stopping` or `failed`.
+    pub state: &'static str,
+    /// Sessions attached on this node (the reference count).
+    pub ref_count: usize,
+    pub sessions: Vec<SessionId>,
+    pub lock: Option<LockInfo>,
+    /// Changed since the last save.
+    pub dirty: bool,
+    /// ms since the epoch; absent while not active.
+    pub last_activity: Option<i64>,
+    /// Restarts after crashes since this node started.
+    pub restarts: u32,
+    /// When garbage collection will stop it if no session comes (ms since
+    /// the epoch); absent while sessions are attached.
+    pub gc_deadline: Option<i64>,
+    /// Why it is failed, for a failed key.
+    pub failure: Option<String>,
+}
+
+/// Counters since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct AllocatorStats {
+    /// Workspace actors started (first activations and restarts).
+    pub activations: u64,
+    pub restarts: u64,
+    /// Workspaces stopped by garbage collection.
+    pub collected: u64,
+}
+
+/// What a drain did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DrainReport {
+    /// Workspaces that had unsaved changes and were saved.
+    pub saved: usize,
+    /// Workspaces stopped with nothing to save.
+    pub unchanged: usize,
+    /// Workspaces that could not be saved in time (their unsaved work is lost).
+    pub failed: usize,
+}
+
+/// The handle on this node's allocator.
+#[derive(Clone)]
+pub struct Allocator {
+    actor: ActorRef<AllocatorMsg>,
+    registry: Registry,
+    store: Arc<dyn Store>,
+    settings: Arc<AllocatorSettings>,
+    heartbeat: Arc<JoinHandle<()>>,
+}
+
+fn unavailable(message: impl Into<String>) -> OpError {
+    OpError::new(ErrorCode::Unavailable, message)
+}
+
+/// How long handle calls wait for the allocator actor itself.
+const ALLOCATOR_TIMEOUT: Duration = Duration::from_secs(120);
+
+impl Allocator {
+    /// Wipes what this server tag left in the store, announces the node,
+    /// starts its heartbeat and the allocator actor.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        workspaces: WorkspaceSettings,
+        settings: AllocatorSettings,
+    ) -> Result<Allocator, StoreError> {
+        let tag = settings.server_tag.clone();
+        let wiped = store.wipe_server_tag(&tag).await?;
+        tracing::info!(
+            server_tag = %tag,
+            sessions = wiped.sessions,
+            claims = wiped.claims,
+            "removed rows this server tag left behind"
+        );
+        store
+            .register_node(&tag, None, settings.http_addr.as_deref())
+            .await?;
+        let registry: Registry = Arc::default();
+        let settings = Arc::new(settings);
+        let (actor, _) = Actor::spawn(
+            None,
+            AllocatorActor,
+            AllocatorArgs {
+                store: store.clone(),
+                workspaces,
+                settings: settings.clone(),
+                registry: registry.clone(),
+            },
+        )
+        .await
+        .map_err(|e| StoreError::Config(format!("starting the allocator: {e}")))?;
+        let heartbeat = tokio::spawn(heartbeat(store.clone(), settings.clone()));
+        Ok(Allocator {
+            actor,
+            registry,
+            store,
+            settings,
+            heartbeat: Arc::new(heartbeat),
+        })
+    }
+
+    pub fn server_tag(&self) -> &str {
+        &self.settings.server_tag
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        build: impl FnOnce(RpcReplyPort<T>) -> AllocatorMsg,
+    ) -> Result<T, OpError> {
+        match self.actor.call(build, Some(ALLOCATOR_TIMEOUT)).await {
+            Ok(CallResult::Success(value)) => Ok(value),
+            Ok(CallResult::Timeout) => Err(unavailable("the node is overloaded; retry")),
+            Ok(CallResult::SenderError) | Err(_) => Err(unavailable("the node is shutting down")),
+        }
+    }
+
+    /// Attaches a session to a workspace, activating it on first use, and
+    /// records it in the store (which recounts the key's references).
+    pub async fn register(
+        &self,
+        session: SessionInfo,
+        key: &WorkspaceKey,
+        events: EventSink,
+    ) -> Result<Registration, OpError> {
+        let row = WsSession {
+            id: session.id.clone(),
+            user_id: session.user_id,
+            key: key.clone(),
+            server_tag: self.settings.server_tag.clone(),
+            connected_at: 0,
+        };
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let workspace = self
+                .ask(|reply| AllocatorMsg::Register {
+                    session: session.clone(),
+                    key: key.clone(),
+                    events: events.clone(),
+                    reply,
+                })
+                .await??;
+            if attempts == 1
+                && let Err(err) = self.store.attach_session(&row).await
+            {
+                self.forget(&session.id, key);
+                return Err(err.into());
+            }
+            match workspace.attach(session.clone(), events.clone()).await {
+                Ok(welcome) => return Ok(Registration { workspace, welcome }),
+                // The actor died between the two steps: it is being
+                // restarted, and registering again waits for that.
+                Err(err) if attempts < 3 && err.code == ErrorCode::Unavailable => continue,
+                Err(err) => {
+                    self.deregister(&session.id, key).await;
+                    return Err(err);
+                }
+            }
+        }
+    }
+
+    fn forget(&self, session: &SessionId, key: &WorkspaceKey) {
+        let _ = self.actor.cast(AllocatorMsg::Deregister {
+            session: session.clone(),
+            key: key.clone(),
+        });
+    }
+
+    /// Detaches a session and removes its row (the key is recounted).
+    pub async fn deregister(&self, session: &SessionId, key: &WorkspaceKey) {
+        self.forget(session, key);
+        if let Err(err) = self.store.detach_session(session).await {
+            tracing::warn!(error = %err, session = %session, "removing a session row failed; the next wipe of this server tag removes it");
+        }
+    }
+
+    /// The live workspace for a key, if this node has one: a map read, no
+    /// message and no database.
+    pub fn get(&self, key: &WorkspaceKey) -> Option<Workspace> {
+        self.registry
+            .read()
+            .ok()
+            .and_then(|map| map.get(key).cloned())
+    }
+
+    /// Saves a workspace, then stops it (its sessions lose their events
+    /// and must reconnect).
+    pub async fn kill(&self, key: &WorkspaceKey) -> Result<(), OpError> {
+        self.ask(|reply| AllocatorMsg::Kill {
+            key: key.clone(),
+            reply,
+        })
+        .await?
+    }
+
+    /// Clears a failed key so that it can be registered again.
+    pub async fn reset(&self, key: &WorkspaceKey) -> Result<bool, OpError> {
+        self.ask(|reply| AllocatorMsg::Reset {
+            key: key.clone(),
+            reply,
+        })
+        .await
+    }
+
+    pub async fn stats(&self) -> Result<AllocatorStats, OpError> {
+        self.ask(|reply| AllocatorMsg::Stats { reply }).await
+    }
+
+    /// Every workspace this node knows, with what its actor reports.
+    pub async fn workspaces(&self) -> Result<Vec<WorkspaceStatus>, OpError> {
+        let entries = self.ask(|reply| AllocatorMsg::Entries { reply }).await?;
+        let mut statuses = Vec::with_capacity(entries.len());
+        for (mut status, workspace) in entries {
+            if let Some(workspace) = workspace
+                && let Ok(Ok(info)) =
+                    tokio::time::timeout(Duration::from_secs(5), workspace.info()).await
+            {
+                status.lock = info.lock;
+                status.dirty = info.dirty;
+                status.last_activity = Some(info.last_activity);
+            }
+            statuses.push(status);
+        }
+        statuses.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(statuses)
+    }
+
+    /// Stops taking registers, saves and stops every workspace (in parallel,
+    /// within the drain timeout), releases the node's claims and removes its
+    /// rows. Registers afterwards answer `unavailable`.
+    pub async fn drain(&self) -> DrainReport {
+        let live = self
+            .ask(|reply| AllocatorMsg::Drain { reply })
+            .await
+            .unwrap_or_default();
+        let total = live.len();
+        let saving = live.into_iter().map(|(key, workspace)| {
+            tokio::spawn(async move {
+                let saved = workspace.save().await;
+                if let Err(err) = &saved {
+                    tracing::error!(workspace = %key, error = %err.message, "saving during drain failed");
+                }
+                workspace.stop().await;
+                saved.map(|(_, new)| new)
+            })
+        });
+        let tasks: Vec<_> = saving.collect();
+        let mut report = DrainReport::default();
+        let deadline = tokio::time::Instant::now() + self.settings.drain_timeout;
+        for task in tasks {
+            match tokio::time::timeout_at(deadline, task).await {
+                Ok(Ok(Ok(true))) => report.saved += 1,
+                Ok(Ok(Ok(false))) => report.unchanged += 1,
+                _ => report.failed += 1,
+            }
+        }
+        self.heartbeat.abort();
+        let tag = &self.settings.server_tag;
+        if let Err(err) = self.store.wipe_server_tag(tag).await {
+            tracing::warn!(error = %err, "removing this node's rows during drain failed");
+        }
+        if let Err(err) = self.store.remove_node(tag).await {
+            tracing::warn!(error = %err, "removing this node's row during drain failed");
+        }
+        tracing::info!(
+            workspaces = total,
+            saved = report.saved,
+            unchanged = report.unchanged,
+            failed = report.failed,
+            "drained"
+        );
+        report
+    }
+
+    /// Stops the allocator actor (after a drain).
+    pub async fn stop(&self) {
+        self.heartbeat.abort();
+        let _ = self
+            .actor
+            .stop_and_wait(None, Some(ALLOCATOR_TIMEOUT))
+            .await;
+    }
+
+    /// Ends the allocator without draining, leaving rows behind as a crash
+    /// would. For tests of what a restarted node finds.
+    pub fn abandon(&self) {
+        self.heartbeat.abort();
+        self.actor.kill();
+    }
+}
+
+/// Renews this node's heartbeat until the task is aborted. A failed renewal
+/// is logged; claims lapse after the lease if renewals keep failing.
+async fn heartbeat(store: Arc<dyn Store>, settings: Arc<AllocatorSettings>) {
+    let mut tick = tokio::time::interval(settings.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match store.heartbeat(&settings.server_tag).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!("this node's row vanished; announcing it again");
+                let _ = store
+                    .register_node(&settings.server_tag, None, settings.http_addr.as_deref())
+                    .await;
+            }
+            Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+        }
+    }
+}
