@@ -341,25 +341,89 @@ impl OpError {
 
 pub type OpResult = Result<Reply, OpError>;
 
-/// What happened in a workspace, pushed to every other session attached to
-/// it: `{event: "file_changed", ...}`.
+/// The protocol version this server speaks, announced in `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// A project member's role. Ordered: each role can do what the ones before it can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Editor,
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Editor => "editor",
+            Role::Owner => "owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "viewer" => Some(Role::Viewer),
+            "editor" => Some(Role::Editor),
+            "owner" => Some(Role::Owner),
+            _ => None,
+        }
+    }
+}
+
+/// A push from the server: `{event: "file_changed", ...}`. Workspace events
+/// go to every session of the workspace except the one that caused them
+/// (`presence`, `restarted`, expiries and releases go to all).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    /// A file or directory was written, created or deleted. `version` is
-    /// the file's new version; absent for deletions and directories.
+    /// The first frame on every connection.
+    Welcome {
+        protocol: u32,
+        session: SessionId,
+        /// The server tag of the node this socket is on.
+        node: String,
+        /// The server tag of the node that owns the workspace.
+        owner: String,
+        project: i64,
+        branch: String,
+        role: Role,
+        /// The checked-out commit.
+        head: String,
+    },
+    /// A file was written (`kind: file`, with its new version) or a
+    /// directory created (`kind: dir`).
     FileChanged {
         path: String,
         kind: EntryKind,
-        deleted: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         version: Option<String>,
+        by: Doer,
+    },
+    /// A file, or a directory and everything in it, was deleted.
+    PathDeleted {
+        path: String,
+        kind: EntryKind,
         by: Doer,
     },
     PathRenamed {
         from: String,
         to: String,
         by: Doer,
+    },
+    /// The edit lock was taken or renewed (`holder`, `user`, `expires_at`
+    /// set), or ended (all absent). `by` is absent when it expired or its
+    /// holder left.
+    LockChanged {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        holder: Option<SessionId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        user: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<Doer>,
     },
     Committed {
         commit: String,
@@ -375,24 +439,73 @@ pub enum Event {
         head: String,
         by: Doer,
     },
-    /// The workspace's actor failed and was restarted from the last saved
+    /// Who is in the workspace now; sent to everyone on every join and leave.
+    Presence {
+        sessions: Vec<Doer>,
+    },
+    /// The workspace was restarted after a crash, from its last durable
     /// state; the session stays attached. Re-read what is on screen.
-    WorkspaceRestarted {
+    Restarted {
         reason: String,
     },
-    /// The workspace failed too often and is stopped; the session is
-    /// detached. Reconnecting answers `unavailable` until it is reset.
-    WorkspaceFailed {
+    /// The node is going away: connect again (another node will serve).
+    Reconnect {
         reason: String,
     },
-    /// The edit lock was taken, renewed, released or expired; `lock` is the
-    /// new state (absent: unlocked).
-    LockChanged {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        lock: Option<LockInfo>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        by: Option<Doer>,
+    /// An error not tied to a request (a frame without a usable `id`), or
+    /// the reason the server is about to close the connection.
+    Error {
+        code: ErrorCode,
+        message: String,
     },
+}
+
+impl Event {
+    /// `lock_changed` for a lock's new state (`None`: unlocked).
+    pub fn lock_changed(lock: Option<&LockInfo>, by: Option<Doer>) -> Event {
+        Event::LockChanged {
+            holder: lock.map(|l| l.holder.clone()),
+            user: lock.map(|l| l.user.clone()),
+            expires_at: lock.map(|l| l.expires_at),
+            by,
+        }
+    }
+}
+
+impl Reply {
+    /// The name of the variant that answers `op` (its wire name).
+    fn variant_for(op: &str) -> Option<&'static str> {
+        Some(match op {
+            "list_tree" => "tree",
+            "read_file" => "file",
+            "write_file" => "written",
+            "delete_path" | "rename_path" | "make_dir" | "unlock" => "done",
+            "lock" => "lock_taken",
+            "save" => "saved",
+            "git_status" => "status",
+            "git_diff" => "diff",
+            "git_commit" => "committed",
+            "git_log" => "log",
+            "git_branches" => "branches",
+            "git_create_branch" => "branch_created",
+            _ => return None,
+        })
+    }
+
+    /// The reply's `ok` map as sent on the wire: the variant's fields.
+    pub fn to_wire(&self) -> Result<rmpv::Value, rmpv::ext::Error> {
+        match rmpv::ext::to_value(self)? {
+            rmpv::Value::Map(mut entries) if entries.len() == 1 => Ok(entries.remove(0).1),
+            other => Ok(other),
+        }
+    }
+
+    /// Reads the `ok` map of a reply to `op` (its wire name).
+    pub fn from_wire(op: &str, ok: rmpv::Value) -> Result<Reply, rmpv::ext::Error> {
+        let variant = Self::variant_for(op)
+            .ok_or_else(|| rmpv::ext::Error::Syntax(format!("{op:?} has no workspace reply")))?;
+        rmpv::ext::from_value(rmpv::Value::Map(vec![(variant.into(), ok)]))
+    }
 }
 
 #[cfg(test)]
@@ -433,13 +546,13 @@ mod tests {
             content,
             version: "v".into(),
         });
-        round_trip(&Event::LockChanged {
-            lock: None,
-            by: Some(Doer {
+        round_trip(&Event::lock_changed(
+            None,
+            Some(Doer {
                 session: "s".into(),
                 user: "u".into(),
             }),
-        });
+        ));
         round_trip(&OpError::conflict("stale", Some("abc".into())));
     }
 

@@ -6,13 +6,12 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use branchd::config::Config;
 use branchd::protocol::{EntryKind, ErrorCode, Event, Op, OpError, Reply};
 use branchd::storage::{Role, Store, WorkspaceKey};
 use branchd::workspace::{Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
-use common::{Setup, TestDb, session};
+use common::{Setup, TestDb, next_event, session};
 use tokio::sync::mpsc;
 
 on_both_backends!(
@@ -116,13 +115,6 @@ async fn read(workspace: &Workspace, who: &str, path: &str) -> Result<(Vec<u8>, 
     }
 }
 
-async fn next_event(events: &mut mpsc::Receiver<Event>) -> Event {
-    tokio::time::timeout(Duration::from_secs(5), events.recv())
-        .await
-        .expect("an event within 5 s")
-        .expect("channel open")
-}
-
 fn git(dir: &Path, args: &[&str]) -> String {
     let output = Command::new("git")
         .arg("-C")
@@ -219,13 +211,12 @@ async fn two_sessions_see_each_others_writes_as_events(db: TestDb) {
         Event::FileChanged {
             path,
             version: v,
-            deleted,
             by,
             ..
         } => {
             assert_eq!(
-                (path.as_str(), v.as_deref(), deleted),
-                ("src/main.rhai", Some(version.as_str()), false)
+                (path.as_str(), v.as_deref()),
+                ("src/main.rhai", Some(version.as_str()))
             );
             assert_eq!((by.session.as_str(), by.user.as_str()), ("ada", "ada"));
         }
@@ -331,7 +322,7 @@ async fn a_lock_refuses_strangers_writes_serves_their_reads_and_expires(db: Test
     };
     assert_eq!((holder.as_str(), user.as_str()), ("ada", "ada"));
     assert!(
-        matches!(next_event(&mut bob_events).await, Event::LockChanged { lock: Some(l), .. } if l.holder == "ada")
+        matches!(next_event(&mut bob_events).await, Event::LockChanged { holder: Some(h), .. } if h == "ada")
     );
 
     let refused = write(&workspace, "bob", "b.txt", b"b", None)
@@ -362,7 +353,7 @@ async fn a_lock_refuses_strangers_writes_serves_their_reads_and_expires(db: Test
 
     // The lock runs out by itself; everyone is told, and bob can write.
     match next_event(&mut bob_events).await {
-        Event::LockChanged { lock: None, .. } => {}
+        Event::LockChanged { holder: None, .. } => {}
         other => panic!("expected the lock to expire, got {other:?}"),
     }
     write(&workspace, "bob", "b.txt", b"b", None)
@@ -396,7 +387,7 @@ async fn the_lock_ends_when_its_holder_detaches_or_unlocks(db: TestDb) {
         .expect("unlock");
     assert!(matches!(
         next_event(&mut bob_events).await,
-        Event::LockChanged { lock: None, .. }
+        Event::LockChanged { holder: None, .. }
     ));
 
     workspace
@@ -412,7 +403,7 @@ async fn the_lock_ends_when_its_holder_detaches_or_unlocks(db: TestDb) {
     workspace.detach(&"ada".to_string());
     assert!(matches!(
         next_event(&mut bob_events).await,
-        Event::LockChanged { lock: None, .. }
+        Event::LockChanged { holder: None, .. }
     ));
     write(&workspace, "bob", "b.txt", b"b", None)
         .await
@@ -599,8 +590,7 @@ async fn delete_rename_and_make_dir_change_the_tree_and_are_announced(db: TestDb
         .expect("delete file");
     assert!(matches!(
         next_event(&mut bob_events).await,
-        Event::FileChanged {
-            deleted: true,
+        Event::PathDeleted {
             kind: EntryKind::File,
             ..
         }
@@ -617,8 +607,7 @@ async fn delete_rename_and_make_dir_change_the_tree_and_are_announced(db: TestDb
         .expect("delete dir");
     assert!(matches!(
         next_event(&mut bob_events).await,
-        Event::FileChanged {
-            deleted: true,
+        Event::PathDeleted {
             kind: EntryKind::Dir,
             ..
         }

@@ -15,7 +15,7 @@ use ractor::{
 };
 
 use super::{AllocatorSettings, AllocatorStats, Registry, WorkspaceStatus, unavailable};
-use crate::protocol::{Event, OpError, SessionId};
+use crate::protocol::{ErrorCode, Event, OpError, SessionId};
 use crate::storage::{ClaimOutcome, Fence, Store, WorkspaceKey};
 use crate::workspace::{EventSink, SessionInfo, Workspace, WorkspaceArgs, WorkspaceSettings};
 
@@ -430,7 +430,7 @@ impl AllocatorState {
                     for attached in entry.sessions.values() {
                         workspace.reattach(attached.info.clone(), attached.events.clone());
                     }
-                    entry.tell(&Event::WorkspaceRestarted { reason });
+                    entry.tell(&Event::Restarted { reason });
                 }
                 for waiter in entry.waiters.drain(..) {
                     let _ = waiter.send(Ok(workspace.clone()));
@@ -461,8 +461,9 @@ impl AllocatorState {
             return;
         };
         tracing::error!(workspace = %key, %reason, "workspace marked failed");
-        entry.tell(&Event::WorkspaceFailed {
-            reason: reason.clone(),
+        entry.tell(&Event::Error {
+            code: ErrorCode::Unavailable,
+            message: format!("workspace {key} failed and is stopped: {reason}"),
         });
         entry.sessions.clear();
         for waiter in entry.waiters.drain(..) {

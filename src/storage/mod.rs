@@ -24,6 +24,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use crate::protocol::Role;
 pub use sql::SqlStore;
 
 /// What can go wrong in the store, in terms the callers can act on.
@@ -128,34 +129,6 @@ pub async fn open(url: &str, max_connections: u32) -> StoreResult<Arc<dyn Store>
     let store = SqlStore::connect(url, max_connections).await?;
     store.migrate().await?;
     Ok(Arc::new(store))
-}
-
-/// A project member's role. Ordered: each role can do what the ones before it can.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Viewer,
-    Editor,
-    Owner,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Viewer => "viewer",
-            Role::Editor => "editor",
-            Role::Owner => "owner",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "viewer" => Some(Role::Viewer),
-            "editor" => Some(Role::Editor),
-            "owner" => Some(Role::Owner),
-            _ => None,
-        }
-    }
 }
 
 /// Identifies one workspace: a branch of a project.

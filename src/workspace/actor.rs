@@ -369,6 +369,7 @@ impl WorkspaceState {
                 events,
             },
         );
+        self.announce_presence();
         Ok(Welcome {
             branch,
             head,
@@ -376,23 +377,25 @@ impl WorkspaceState {
         })
     }
 
+    /// Tells every session who is attached now.
+    fn announce_presence(&mut self) {
+        let mut sessions: Vec<Doer> = self.sessions.values().map(|a| a.info.doer()).collect();
+        sessions.sort_by(|a, b| a.session.cmp(&b.session));
+        self.broadcast(None, Event::Presence { sessions });
+    }
+
     fn detach(&mut self, session: &SessionId) {
         if self.sessions.remove(session).is_none() {
             return;
         }
+        self.announce_presence();
         if self
             .lock
             .as_ref()
             .is_some_and(|l| &l.info.holder == session)
         {
             self.lock = None;
-            self.broadcast(
-                None,
-                Event::LockChanged {
-                    lock: None,
-                    by: None,
-                },
-            );
+            self.broadcast(None, Event::lock_changed(None, None));
         }
     }
 
@@ -423,13 +426,7 @@ impl WorkspaceState {
         });
         if expired {
             self.lock = None;
-            self.broadcast(
-                None,
-                Event::LockChanged {
-                    lock: None,
-                    by: None,
-                },
-            );
+            self.broadcast(None, Event::lock_changed(None, None));
         }
     }
 
@@ -514,7 +511,6 @@ impl WorkspaceState {
                     Event::FileChanged {
                         path: path.to_string(),
                         kind: EntryKind::File,
-                        deleted: false,
                         version: Some(version.clone()),
                         by,
                     },
@@ -530,11 +526,9 @@ impl WorkspaceState {
                 self.dirty = true;
                 self.broadcast(
                     Some(session),
-                    Event::FileChanged {
+                    Event::PathDeleted {
                         path: path.to_string(),
                         kind,
-                        deleted: true,
-                        version: None,
                         by,
                     },
                 );
@@ -563,7 +557,6 @@ impl WorkspaceState {
                         Event::FileChanged {
                             path: path.to_string(),
                             kind: EntryKind::Dir,
-                            deleted: false,
                             version: None,
                             by,
                         },
@@ -578,13 +571,7 @@ impl WorkspaceState {
                     None => Ok(Reply::Done {}),
                     Some(lock) if &lock.info.holder == session => {
                         self.lock = None;
-                        self.broadcast(
-                            Some(session),
-                            Event::LockChanged {
-                                lock: None,
-                                by: Some(by),
-                            },
-                        );
+                        self.broadcast(Some(session), Event::lock_changed(None, Some(by)));
                         Ok(Reply::Done {})
                     }
                     Some(_) => Err(self.check_lock(session).err().unwrap_or_else(|| {
@@ -747,10 +734,7 @@ impl WorkspaceState {
         myself.send_after(ttl, move || WorkspaceMsg::LockExpired { generation });
         self.broadcast(
             Some(&who.id),
-            Event::LockChanged {
-                lock: Some(info.clone()),
-                by: Some(who.doer()),
-            },
+            Event::lock_changed(Some(&info), Some(who.doer())),
         );
         Ok(Reply::LockTaken {
             holder: info.holder,

@@ -379,3 +379,18 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The next event other than `presence` (which every join and leave sends).
+pub async fn next_event(
+    events: &mut tokio::sync::mpsc::Receiver<branchd::protocol::Event>,
+) -> branchd::protocol::Event {
+    loop {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(10), events.recv())
+            .await
+            .expect("an event within 10 s")
+            .expect("the event stream is open");
+        if !matches!(event, branchd::protocol::Event::Presence { .. }) {
+            return event;
+        }
+    }
+}
