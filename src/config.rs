@@ -144,6 +144,10 @@ pub struct Config {
     #[arg(long, env = "BRANCHD_MAX_PATH", default_value_t = 1024)]
     pub max_path: usize,
 
+    /// How often each WebSocket is pinged; a socket that misses two pongs is closed.
+    #[arg(long, env = "BRANCHD_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+
     /// How long an edit lock lasts when the client names no ttl.
     #[arg(long, env = "BRANCHD_LOCK_TTL", default_value = "30s", value_parser = parse_duration)]
     pub lock_ttl: Duration,

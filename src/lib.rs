@@ -8,6 +8,7 @@
 //!
 //! - [`allocator`]: this node's supervisor of workspace actors: registry,
 //!   reference counts, restarts, garbage collection, drain.
+//! - [`client`]: a Rust client of the WebSocket protocol (tests, benches).
 //! - [`config`]: every knob, from flags and `BRANCHD_*` environment variables.
 //! - [`storage`]: the [`storage::Store`] trait and its SQLite/Postgres
 //!   implementation; the only code that speaks SQL.
@@ -24,6 +25,7 @@
 //! on a real socket.
 
 pub mod allocator;
+pub mod client;
 pub mod config;
 pub mod gateway;
 pub mod protocol;

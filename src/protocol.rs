@@ -293,7 +293,7 @@ pub struct OpError {
     pub current_version: Option<String>,
     /// For `locked`: who holds the lock and until when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lock: Option<LockInfo>,
+    pub lock: Option<Box<LockInfo>>,
 }
 
 impl OpError {

@@ -8,7 +8,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -26,7 +25,8 @@ use crate::workspace::WorkspaceSettings;
 pub const ADMIN_USERNAME: &str = "admin";
 
 /// How long in-flight HTTP requests get to finish after a shutdown signal.
-const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Short: by then every WebSocket has been told to reconnect and closed.
+const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How often expired login tokens are deleted.
 const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
@@ -36,7 +36,7 @@ pub struct Server {
     local_addr: SocketAddr,
     store: Arc<dyn Store>,
     allocator: Allocator,
-    draining: Arc<AtomicBool>,
+    draining: watch::Sender<bool>,
     /// The password of the `admin` user if this start created it with a
     /// generated password; shown once, never stored in clear.
     pub generated_admin_password: Option<String>,
@@ -81,19 +81,19 @@ impl Server {
         .await
         .context("starting the allocator")?;
 
-        let draining = Arc::new(AtomicBool::new(false));
+        let (draining, draining_seen) = watch::channel(false);
         let state = AppState {
             store: store.clone(),
             config: Arc::new(config),
             server_tag,
             allocator: allocator.clone(),
-            draining: draining.clone(),
+            draining: draining_seen,
         };
         let (stop, stopped) = watch::channel(false);
         let mut on_stop = stopped.clone();
         let http = tokio::spawn(
             axum::serve(listener, gateway::router(state))
-                .with_graceful_shutdown(async move { wait_for_stop(&mut on_stop).await })
+                .with_graceful_shutdown(async move { gateway::until_set(&mut on_stop).await })
                 .into_future(),
         );
         let housekeeping = tokio::spawn(purge_tokens(store.clone(), stopped));
@@ -127,7 +127,9 @@ impl Server {
     /// HTTP server stops accepting connections and lets in-flight requests
     /// finish (up to a grace period). Returns when the server is down.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        self.draining.store(true, Ordering::SeqCst);
+        // Readiness turns 503 and every socket is told to reconnect.
+        let _ = self.draining.send(true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
         self.allocator.drain().await;
         self.allocator.stop().await;
         let _ = self.stop.send(true);
@@ -183,12 +185,7 @@ async fn purge_tokens(store: Arc<dyn Store>, mut stopped: watch::Receiver<bool>)
                 Ok(n) => tracing::info!(removed = n, "purged expired login tokens"),
                 Err(err) => tracing::warn!(error = %err, "purging expired login tokens failed"),
             },
-            _ = wait_for_stop(&mut stopped) => return,
+            _ = gateway::until_set(&mut stopped) => return,
         }
     }
-}
-
-/// Resolves once a stop has been signalled (or the signaller is gone).
-async fn wait_for_stop(stopped: &mut watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|stop| *stop).await;
 }

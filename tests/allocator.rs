@@ -236,7 +236,7 @@ async fn a_crashed_workspace_restarts_from_its_last_save_and_its_sessions_keep_w
     workspace.actor().cast(WorkspaceMsg::Panic).expect("cast");
     let event = next_event(&mut events).await;
     assert!(
-        matches!(event, Event::Restarted { ref reason } if reason.contains("panic")),
+        matches!(event, Event::Restarted { ref reason } if reason.contains("restarted from its last saved state")),
         "{event:?}"
     );
     let restarted = allocator
@@ -327,7 +327,7 @@ async fn the_restart_limit_marks_the_key_failed_until_an_operator_resets_it(db: 
         status[0]
             .failure
             .as_deref()
-            .is_some_and(|f| f.contains("panic"))
+            .is_some_and(|f| f.contains("crashed too often"))
     );
 
     assert!(allocator.reset(&setup.key).await.expect("reset"));

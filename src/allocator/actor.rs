@@ -495,14 +495,25 @@ impl AllocatorState {
         {
             let _ = reply.send(Err(OpError::internal("saving before the stop", &reason)));
         }
+        if self.draining {
+            // Shutting down: nothing to restart for.
+            self.entries.remove(&key);
+            return;
+        }
         match policy.admit(&mut entry.history, Instant::now()) {
             Ok(()) => {
                 entry.restarts += 1;
                 self.stats.restarts += 1;
                 tracing::warn!(workspace = %key, %reason, restarts = entry.restarts, "workspace crashed; restarting it from its last saved state");
-                self.activate(myself, &key, Some(reason));
+                // Clients learn that it happened, not the internals (those are logged).
+                let told =
+                    "the workspace crashed and was restarted from its last saved state".to_string();
+                self.activate(myself, &key, Some(told));
             }
-            Err(until) => self.fail(&key, format!("crashed too often; last: {reason}"), until),
+            Err(until) => {
+                tracing::error!(workspace = %key, %reason, "workspace crashed again");
+                self.fail(&key, "it crashed too often".to_string(), until)
+            }
         }
     }
 

@@ -212,14 +212,25 @@ impl Allocator {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let workspace = self
+            let registered = self
                 .ask(|reply| AllocatorMsg::Register {
                     session: session.clone(),
                     key: key.clone(),
                     events: events.clone(),
                     reply,
                 })
-                .await??;
+                .await
+                .and_then(|answer| answer);
+            let workspace = match registered {
+                Ok(workspace) => workspace,
+                Err(err) => {
+                    if attempts > 1 {
+                        // The first attempt wrote the session row: remove it.
+                        self.deregister(&session.id, key).await;
+                    }
+                    return Err(err);
+                }
+            };
             if attempts == 1
                 && let Err(err) = self.store.attach_session(&row).await
             {

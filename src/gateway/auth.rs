@@ -32,27 +32,29 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer_token(parts)?;
-        let token_hash = hash_token(token);
-        let session = state
-            .store
-            .auth_session(&token_hash)
-            .await?
-            .ok_or_else(|| {
-                ApiError::unauthorized(
-                    "the token is not valid (revoked or never issued); log in again",
-                )
-            })?;
-        if session.expired {
-            return Err(ApiError::unauthorized(
-                "the token has expired; log in again with POST /api/auth/login",
-            ));
-        }
-        Ok(AuthUser {
-            user: session.user,
-            token_hash,
-        })
+        authenticate(state, bearer_token(parts)?).await
     }
+}
+
+/// The user a token belongs to, or `unauthorized` saying why not.
+pub async fn authenticate(state: &AppState, token: &str) -> Result<AuthUser, ApiError> {
+    let token_hash = hash_token(token);
+    let session = state
+        .store
+        .auth_session(&token_hash)
+        .await?
+        .ok_or_else(|| {
+            ApiError::unauthorized("the token is not valid (revoked or never issued); log in again")
+        })?;
+    if session.expired {
+        return Err(ApiError::unauthorized(
+            "the token has expired; log in again with POST /api/auth/login",
+        ));
+    }
+    Ok(AuthUser {
+        user: session.user,
+        token_hash,
+    })
 }
 
 impl AuthUser {
@@ -66,7 +68,8 @@ impl AuthUser {
     }
 }
 
-fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
     let missing = || {
         ApiError::unauthorized(
             "missing credentials: send `Authorization: Bearer <token>` with a token from POST /api/auth/login",

@@ -10,9 +10,9 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod ops;
+pub mod ws;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -22,6 +22,7 @@ use axum::http::{Method, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -40,8 +41,14 @@ pub struct AppState {
     /// This node's server tag.
     pub server_tag: Arc<str>,
     pub allocator: Allocator,
-    /// Set when shutdown begins: readiness answers 503 from then on.
-    pub draining: Arc<AtomicBool>,
+    /// Turns true when shutdown begins: readiness answers 503, new sockets
+    /// are refused and open ones are told to reconnect.
+    pub draining: watch::Receiver<bool>,
+}
+
+/// Resolves once a `watch` flag is set (or its sender is gone).
+pub async fn until_set(flag: &mut watch::Receiver<bool>) {
+    let _ = flag.wait_for(|set| *set).await;
 }
 
 /// The whole HTTP API.
@@ -49,6 +56,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = usize::try_from(state.config.max_request_body).unwrap_or(usize::MAX);
     Router::new()
         .route("/healthz", get(api::healthz))
+        .route("/ws", get(ws::upgrade))
         .route("/readyz", get(api::readyz))
         .route("/api/auth/login", post(api::login))
         .route("/api/auth/logout", post(api::logout))

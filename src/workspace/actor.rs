@@ -326,8 +326,9 @@ fn edits(op: &Op) -> bool {
     )
 }
 
-/// Ops that need at least the editor role.
-fn needs_editor(op: &Op) -> bool {
+/// Ops that need at least the editor role (everything that changes
+/// anything); viewers get `forbidden` for them.
+pub fn needs_editor(op: &Op) -> bool {
     edits(op)
         || matches!(
             op,
@@ -435,7 +436,7 @@ impl WorkspaceState {
         self.expire_lock(None);
         match &self.lock {
             Some(lock) if &lock.info.holder != session => Err(OpError {
-                lock: Some(lock.info.clone()),
+                lock: Some(Box::new(lock.info.clone())),
                 ..OpError::new(
                     ErrorCode::Locked,
                     format!(

@@ -15,7 +15,7 @@ pub mod snapshot;
 
 pub use actor::{
     CALL_TIMEOUT, EventSink, SessionInfo, Welcome, Workspace, WorkspaceActor, WorkspaceArgs,
-    WorkspaceInfo, WorkspaceMsg, WorkspaceSettings,
+    WorkspaceInfo, WorkspaceMsg, WorkspaceSettings, needs_editor,
 };
 
 use std::path::Path;
