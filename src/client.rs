@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::protocol::{Event, Op, OpError, Reply, Role, SessionId};
+use crate::protocol::{Event, Op, OpError, Reply, Role, SessionId, request_frame};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<rmpv::Value, OpError>>>>>;
@@ -183,38 +183,35 @@ impl Client {
 
     /// Sends `op` and waits for its reply.
     pub async fn request(&self, op: Op) -> Result<Reply, ClientError> {
-        let name = op.name();
-        let args = rmpv::ext::to_value(&op).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let ok = self.call(args).await?;
-        Reply::from_wire(name, ok).map_err(|e| ClientError::Protocol(e.to_string()))
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let frame = request_frame(id, &op).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let ok = self.exchange(id, frame).await?;
+        Reply::from_wire(op.name(), &ok).map_err(|e| ClientError::Protocol(e.to_string()))
     }
 
     /// `ping`: the server tag of the node this socket is on.
     pub async fn ping(&self) -> Result<String, ClientError> {
-        let ok = self
-            .call(rmpv::Value::Map(vec![("op".into(), "ping".into())]))
-            .await?;
-        ok.as_map()
-            .and_then(|m| m.iter().find(|(k, _)| k.as_str() == Some("node")))
-            .and_then(|(_, v)| v.as_str())
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut frame = Vec::new();
+        let _ = rmp::encode::write_map_len(&mut frame, 2);
+        let _ = rmp::encode::write_str(&mut frame, "id");
+        let _ = rmp::encode::write_uint(&mut frame, id);
+        let _ = rmp::encode::write_str(&mut frame, "op");
+        let _ = rmp::encode::write_str(&mut frame, "ping");
+        let ok = self.exchange(id, frame).await?;
+        ok["node"]
+            .as_str()
             .map(str::to_string)
             .ok_or_else(|| ClientError::Protocol("ping reply without node".into()))
     }
 
-    /// Sends a request map (an `id` is added) and waits for the `ok` value.
-    pub async fn call(&self, request: rmpv::Value) -> Result<rmpv::Value, ClientError> {
-        let rmpv::Value::Map(mut entries) = request else {
-            return Err(ClientError::Protocol("a request must be a map".into()));
-        };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        entries.insert(0, ("id".into(), id.into()));
-        let bytes = rmp_serde::to_vec_named(&rmpv::Value::Map(entries))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+    /// Sends an encoded request with `id` and waits for the `ok` value.
+    async fn exchange(&self, id: u64, frame: Vec<u8>) -> Result<rmpv::Value, ClientError> {
         let (tx, rx) = oneshot::channel();
         if let Ok(mut pending) = self.pending.lock() {
             pending.insert(id, tx);
         }
-        self.send_raw(Message::Binary(bytes.into())).await?;
+        self.send_raw(Message::Binary(frame.into())).await?;
         match tokio::time::timeout(self.timeout, rx).await {
             Ok(Ok(Ok(ok))) => Ok(ok),
             Ok(Ok(Err(err))) => Err(ClientError::Op(err)),

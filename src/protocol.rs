@@ -492,20 +492,60 @@ impl Reply {
         })
     }
 
-    /// The reply's `ok` map as sent on the wire: the variant's fields.
-    pub fn to_wire(&self) -> Result<rmpv::Value, rmpv::ext::Error> {
-        match rmpv::ext::to_value(self)? {
-            rmpv::Value::Map(mut entries) if entries.len() == 1 => Ok(entries.remove(0).1),
-            other => Ok(other),
+    /// The reply's `ok` map as sent on the wire (the variant's fields),
+    /// encoded: the variant's encoding without its outer `{name: ...}`.
+    pub fn to_wire(&self) -> Result<Vec<u8>, WireError> {
+        let tagged = rmp_serde::to_vec_named(self).map_err(|e| WireError(e.to_string()))?;
+        let mut rest: &[u8] = &tagged;
+        let entries = rmp::decode::read_map_len(&mut rest).map_err(|e| WireError(e.to_string()))?;
+        let name_len =
+            rmp::decode::read_str_len(&mut rest).map_err(|e| WireError(e.to_string()))?;
+        if entries != 1 || rest.len() < name_len as usize {
+            return Err(WireError("a reply must encode as {variant: fields}".into()));
         }
+        Ok(rest[name_len as usize..].to_vec())
     }
 
     /// Reads the `ok` map of a reply to `op` (its wire name).
-    pub fn from_wire(op: &str, ok: rmpv::Value) -> Result<Reply, rmpv::ext::Error> {
+    pub fn from_wire(op: &str, ok: &rmpv::Value) -> Result<Reply, WireError> {
         let variant = Self::variant_for(op)
-            .ok_or_else(|| rmpv::ext::Error::Syntax(format!("{op:?} has no workspace reply")))?;
-        rmpv::ext::from_value(rmpv::Value::Map(vec![(variant.into(), ok)]))
+            .ok_or_else(|| WireError(format!("{op:?} has no workspace reply")))?;
+        let mut tagged = Vec::new();
+        rmp::encode::write_map_len(&mut tagged, 1).map_err(|e| WireError(e.to_string()))?;
+        rmp::encode::write_str(&mut tagged, variant).map_err(|e| WireError(e.to_string()))?;
+        rmpv::encode::write_value(&mut tagged, ok).map_err(|e| WireError(e.to_string()))?;
+        rmp_serde::from_slice(&tagged).map_err(|e| WireError(e.to_string()))
     }
+}
+
+/// A value that does not have the shape the protocol gives it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("wire format: {0}")]
+pub struct WireError(pub String);
+
+/// Encodes a request frame: `op`'s named map with `id` added first.
+pub fn request_frame(id: u64, op: &Op) -> Result<Vec<u8>, WireError> {
+    let encoded = rmp_serde::to_vec_named(op).map_err(|e| WireError(e.to_string()))?;
+    let mut rest: &[u8] = &encoded;
+    let entries = rmp::decode::read_map_len(&mut rest).map_err(|e| WireError(e.to_string()))?;
+    let mut frame = Vec::with_capacity(encoded.len() + 16);
+    rmp::encode::write_map_len(&mut frame, entries + 1).map_err(|e| WireError(e.to_string()))?;
+    rmp::encode::write_str(&mut frame, "id").map_err(|e| WireError(e.to_string()))?;
+    rmp::encode::write_uint(&mut frame, id).map_err(|e| WireError(e.to_string()))?;
+    frame.extend_from_slice(rest);
+    Ok(frame)
+}
+
+/// Encodes a successful reply frame `{id, ok}` around an encoded `ok` value.
+pub fn ok_frame(id: u64, ok: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(ok.len() + 16);
+    // Writing to a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(&mut frame, 2);
+    let _ = rmp::encode::write_str(&mut frame, "id");
+    let _ = rmp::encode::write_uint(&mut frame, id);
+    let _ = rmp::encode::write_str(&mut frame, "ok");
+    frame.extend_from_slice(ok);
+    frame
 }
 
 #[cfg(test)]
@@ -554,6 +594,33 @@ mod tests {
             }),
         ));
         round_trip(&OpError::conflict("stale", Some("abc".into())));
+    }
+
+    #[test]
+    fn replies_travel_as_their_fields_and_requests_carry_an_id() {
+        let reply = Reply::Written {
+            path: "a".into(),
+            version: "v".into(),
+        };
+        let ok = reply.to_wire().expect("to wire");
+        let value: rmpv::Value = rmp_serde::from_slice(&ok).expect("a map");
+        assert_eq!(
+            value,
+            rmpv::Value::Map(vec![
+                ("path".into(), "a".into()),
+                ("version".into(), "v".into())
+            ])
+        );
+        assert_eq!(Reply::from_wire("write_file", &value).expect("back"), reply);
+        let frame: rmpv::Value = rmp_serde::from_slice(&ok_frame(7, &ok)).expect("frame");
+        assert_eq!(frame["id"], rmpv::Value::from(7));
+        assert_eq!(frame["ok"], value);
+
+        let request = request_frame(9, &Op::ReadFile { path: "x".into() }).expect("request");
+        let value: rmpv::Value = rmp_serde::from_slice(&request).expect("map");
+        assert_eq!(value["id"], rmpv::Value::from(9));
+        assert_eq!(value["op"], rmpv::Value::from("read_file"));
+        assert_eq!(value["path"], rmpv::Value::from("x"));
     }
 
     #[test]

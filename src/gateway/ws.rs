@@ -37,7 +37,9 @@ use super::AppState;
 use super::auth::authenticate;
 use super::error::ApiError;
 use crate::allocator::Allocator;
-use crate::protocol::{ErrorCode, Event, Op, OpError, OpResult, PROTOCOL_VERSION, Role, SessionId};
+use crate::protocol::{
+    ErrorCode, Event, Op, OpError, OpResult, PROTOCOL_VERSION, Role, SessionId, ok_frame,
+};
 use crate::storage::WorkspaceKey;
 use crate::workspace::{SessionInfo, Workspace, WorkspaceMsg, needs_editor};
 
@@ -194,30 +196,25 @@ fn encode<T: Serialize>(value: &T) -> Message {
 }
 
 #[derive(Serialize)]
-struct ReplyFrame<'a> {
+struct ErrFrame<'a> {
     id: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ok: Option<&'a rmpv::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    err: Option<&'a OpError>,
+    err: &'a OpError,
 }
 
-fn reply_frame(id: u64, result: &Result<rmpv::Value, OpError>) -> Message {
+#[derive(Serialize)]
+struct Pong<'a> {
+    node: &'a str,
+}
+
+/// `{id, ok}` around an encoded `ok` map, or `{id, err}`.
+fn reply_frame(id: u64, result: &Result<Vec<u8>, OpError>) -> Message {
     match result {
-        Ok(ok) => encode(&ReplyFrame {
-            id,
-            ok: Some(ok),
-            err: None,
-        }),
-        Err(err) => encode(&ReplyFrame {
-            id,
-            ok: None,
-            err: Some(err),
-        }),
+        Ok(ok) => Message::Binary(ok_frame(id, ok).into()),
+        Err(err) => encode(&ErrFrame { id, err }),
     }
 }
 
-fn to_wire(result: OpResult) -> Result<rmpv::Value, OpError> {
+fn to_wire(result: OpResult) -> Result<Vec<u8>, OpError> {
     result.and_then(|reply| {
         reply
             .to_wire()
@@ -378,7 +375,10 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
                 break;
             }
         }
-        if connection.get_status() != ractor::ActorStatus::Running {
+        if matches!(
+            connection.get_status(),
+            ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
+        ) {
             break;
         }
     }
@@ -611,8 +611,9 @@ impl ConnectionState {
         let (id, op) = match decode(bytes, self.max_frame) {
             Err((id, err)) => return self.answer(id, err, myself),
             Ok(Decoded::Ping { id }) => {
-                let pong = rmpv::Value::Map(vec![("node".into(), self.node.as_str().into())]);
-                return self.send(reply_frame(id, &Ok(pong)), myself);
+                let pong = rmp_serde::to_vec_named(&Pong { node: &self.node })
+                    .map_err(|e| OpError::internal("encoding a pong", e));
+                return self.send(reply_frame(id, &pong), myself);
             }
             Ok(Decoded::Op { id, op }) => (id, op),
         };

@@ -414,7 +414,7 @@ impl WorkspaceState {
             }
         }
         for id in lagging {
-            tracing::warn!(workspace = %self.key, session = %id, "session cannot keep up with events; detaching it");
+            tracing::info!(workspace = %self.key, session = %id, "detaching a session whose events cannot be delivered (gone, or not reading)");
             self.detach(&id);
         }
     }
