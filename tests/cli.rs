@@ -35,7 +35,13 @@ struct Served {
 
 impl Served {
     fn start(dir: &Path) -> Served {
+        Self::start_with(dir, &[])
+    }
+
+    /// Starts with extra environment variables.
+    fn start_with(dir: &Path, envs: &[(&str, &str)]) -> Served {
         let mut child = branchd(dir)
+            .envs(envs.iter().copied())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .spawn()
@@ -72,6 +78,14 @@ impl Served {
             line.split_once("with password: ")
                 .map(|(_, password)| password.to_string())
         })
+    }
+
+    /// Kills the process with SIGKILL, as a crash would, and reaps it.
+    fn kill(mut self) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for a clean exit.
@@ -260,4 +274,71 @@ fn readme_documents_every_setting() {
         undocumented.is_empty(),
         "README.md's configuration table lacks {undocumented:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_with_sessions_attached_wipes_its_rows_when_it_restarts() {
+    use branchd::client::Client;
+    use branchd::storage::WorkspaceKey;
+
+    let dir = tempfile::tempdir().expect("dir");
+    let envs = [
+        ("BRANCHD_SERVER_TAG", "node-k"),
+        ("BRANCHD_ADMIN_PASSWORD", "admin-password-k"),
+    ];
+    let http = reqwest::Client::new();
+    let first = Served::start_with(dir.path(), &envs);
+    let token = login(&http, &first.base, "admin", "admin-password-k").await;
+    let project: Value = http
+        .post(format!("{}/api/projects", first.base))
+        .bearer_auth(&token)
+        .json(&json!({"name": "Crashy"}))
+        .send()
+        .await
+        .expect("create")
+        .json()
+        .await
+        .expect("json");
+    let project = project["id"].as_i64().expect("id");
+    let a = Client::connect(&first.base, &token, project, "main")
+        .await
+        .expect("a");
+    let b = Client::connect(&first.base, &token, project, "main")
+        .await
+        .expect("b");
+
+    let store = branchd::storage::open(
+        &branchd::storage::sqlite::default_url(&dir.path().join("data")),
+        2,
+    )
+    .await
+    .expect("the node's database");
+    let key = WorkspaceKey::new(project, "main");
+    let claim = store.claim_of(&key).await.expect("claim").expect("row");
+    assert_eq!(
+        (claim.ref_count, claim.server_tag.as_deref()),
+        (2, Some("node-k"))
+    );
+
+    first.kill();
+    drop((a, b));
+    let stale = store.claim_of(&key).await.expect("claim").expect("row");
+    assert_eq!(stale.ref_count, 2, "a killed node leaves its rows behind");
+    assert_eq!(store.sessions_of(&key).await.expect("rows").len(), 2);
+
+    let second = Served::start_with(dir.path(), &envs);
+    let wiped = store.claim_of(&key).await.expect("claim").expect("row");
+    assert_eq!(
+        (wiped.ref_count, wiped.server_tag),
+        (0, None),
+        "wiped at start"
+    );
+    assert!(store.sessions_of(&key).await.expect("rows").is_empty());
+    let c = Client::connect(&second.base, &token, project, "main")
+        .await
+        .expect("c");
+    let counted = store.claim_of(&key).await.expect("claim").expect("row");
+    assert_eq!((counted.ref_count, counted.epoch), (1, stale.epoch + 1));
+    c.close().await;
+    second.terminate();
 }

@@ -825,3 +825,29 @@ async fn two_hundred_connections_over_twenty_branches_work() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_echo_socket_sends_frames_back_to_any_logged_in_user() {
+    use futures_util::SinkExt;
+    let (server, admin, _) = server_with_project(TestDb::sqlite().await).await;
+    let url = format!("{}/ws/echo", server.base.replacen("http", "ws", 1));
+    match tokio_tungstenite::connect_async(url.clone()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("{url}?access_token={admin}"))
+        .await
+        .expect("echo connects");
+    let payload = vec![7u8, 0, 255, 42];
+    socket
+        .send(Message::Binary(payload.clone().into()))
+        .await
+        .expect("send");
+    match socket.next().await {
+        Some(Ok(Message::Binary(bytes))) => assert_eq!(bytes.to_vec(), payload),
+        other => panic!("expected the frame back, got {other:?}"),
+    }
+    server.stop().await;
+}

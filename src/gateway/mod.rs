@@ -57,6 +57,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(api::healthz))
         .route("/ws", get(ws::upgrade))
+        .route("/ws/echo", get(ws::echo))
         .route("/readyz", get(api::readyz))
         .route("/api/auth/login", post(api::login))
         .route("/api/auth/logout", post(api::logout))

@@ -90,6 +90,67 @@ pub async fn upgrade(
     }
 }
 
+#[derive(Deserialize)]
+pub struct EchoQuery {
+    access_token: Option<String>,
+}
+
+/// `GET /ws/echo`: a diagnostics socket that sends every binary frame
+/// back unchanged (clients measure the network; the benchmarks compare an
+/// op's round trip with it). Needs any valid token.
+pub async fn echo(
+    State(state): State<AppState>,
+    query: Result<Query<EchoQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let token = match token_of(&headers, query.ok().and_then(|Query(q)| q.access_token)) {
+        Ok(token) => token,
+        Err(err) => return err.into_response(),
+    };
+    if let Err(err) = authenticate(&state, &token).await {
+        return err.into_response();
+    }
+    let Ok(upgrade) = upgrade else {
+        return ApiError::bad_request("GET /ws/echo takes a WebSocket upgrade").into_response();
+    };
+    let limit = usize::try_from(state.config.max_frame).unwrap_or(usize::MAX);
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(|mut socket| async move {
+            while let Some(Ok(message)) = socket.recv().await {
+                let reply = match message {
+                    Message::Binary(bytes) => Message::Binary(bytes),
+                    Message::Close(_) => break,
+                    _ => continue,
+                };
+                if socket.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        })
+}
+
+/// The bearer token from the Authorization header, else from `access_token`.
+fn token_of(headers: &HeaderMap, query_token: Option<String>) -> Result<String, ApiError> {
+    match headers.get(axum::http::header::AUTHORIZATION) {
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(|t| t.trim().to_string())
+            .ok_or_else(|| {
+                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+            }),
+        None => query_token.ok_or_else(|| {
+            ApiError::unauthorized(
+                "missing credentials: send `Authorization: Bearer <token>` or the access_token query parameter",
+            )
+        }),
+    }
+}
+
 /// Who connects to what, decided before the upgrade.
 struct Target {
     session: SessionInfo,
@@ -102,20 +163,7 @@ async fn prepare(
     headers: &HeaderMap,
 ) -> Result<Target, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let token = match headers.get(axum::http::header::AUTHORIZATION) {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?
-            .to_string(),
-        None => query.access_token.clone().ok_or_else(|| {
-            ApiError::unauthorized(
-                "missing credentials: send `Authorization: Bearer <token>` or the access_token query parameter",
-            )
-        })?,
-    };
+    let token = token_of(headers, query.access_token.clone())?;
     let caller = authenticate(state, &token).await?;
     if *state.draining.borrow() {
         return Err(ApiError::new(
