@@ -625,7 +625,7 @@ async fn upgrades_are_refused_with_http_errors_before_the_socket_opens() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_answering_pings_is_dropped_and_its_session_removed() {
     let (server, admin, project) =
-        server_pinging_every(TestDb::sqlite().await, Duration::from_millis(200)).await;
+        server_pinging_every(TestDb::sqlite().await, Duration::from_millis(500)).await;
     let key = WorkspaceKey::new(project, "main");
     let steady = connect(&server, &admin, project, "main").await;
     let count = |server: &TestServer| {

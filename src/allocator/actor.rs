@@ -454,8 +454,7 @@ impl AllocatorState {
         }
     }
 
-    /// Marks a key failed until `until`: its sessions are told and dropped,
-    /// and its claim is released.
+    /// Marks a key failed until `until`: its sessions are told and dropped.
     fn fail(&mut self, key: &WorkspaceKey, reason: String, until: Instant) {
         let Some(entry) = self.entries.get_mut(key) else {
             return;
@@ -471,13 +470,10 @@ impl AllocatorState {
                 "workspace {key} failed: {reason}"
             ))));
         }
+        // The claim stays with this node (released by a drain, or reused
+        // when the key is reset): releasing it from a task here could land
+        // after a reset had claimed the key again.
         entry.phase = Phase::Failed { reason, until };
-        if let Some(fence) = entry.fence.take() {
-            let (store, key) = (self.store.clone(), key.clone());
-            tokio::spawn(async move {
-                let _ = store.release_claim(&key, &fence).await;
-            });
-        }
         publish(&self.registry, key, None);
     }
 

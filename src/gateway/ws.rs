@@ -4,19 +4,28 @@
 //! (401 no or bad token, 403 not a member, 404 unknown project or branch,
 //! 503 draining). After it, each socket gets:
 //!
+//! - a **socket task** ([`serve`]), the only code that touches the socket:
+//!   it hands frames to the connection actor and writes replies, events
+//!   and control frames;
 //! - a **connection actor** ([`ConnectionActor`]) that decodes frames,
-//!   checks the role, hands each op to the workspace actor (in the order
-//!   received, so a write then a read on one socket behave) and lets many
-//!   be in flight at once, replies matched by `id`;
+//!   checks the role and casts each op to the workspace actor in the order
+//!   received (so a write then a read on one socket behave), with many in
+//!   flight at once; the workspace's [`Responder`] queues each answer
+//!   straight back to the socket task, matched by `id`;
 //! - a **ping actor** ([`PingActor`]) that pings every
-//!   `BRANCHD_PING_INTERVAL` and closes a socket that misses two pongs;
-//! - a reader task (socket → connection actor), a writer task (bounded
-//!   queue → socket) and an event forwarder (workspace events → queue).
+//!   `BRANCHD_PING_INTERVAL` and closes a socket that misses two pongs.
 //!
-//! Nothing here ever waits on a slow client: every frame goes through the
-//! bounded queue with `try_send`, and a client whose queue is full is closed
-//! with a reason. Every way a socket ends (close, error, missed pongs, slow
-//! reader, drain, a panic) removes the session through [`SessionGuard`].
+//! A request thus crosses the connection and workspace actors and nothing
+//! else; each extra task on that path would be another cross-thread wake-up
+//! (see docs/performance.md).
+//!
+//! Nothing here makes a workspace wait on a slow client: events reach the
+//! socket through a bounded queue the workspace fills with `try_send` (a
+//! full queue detaches the session, and the socket is closed with a
+//! reason); replies are capped by the in-flight limit; a frame the client
+//! does not take within 10 s closes the socket. Every way a socket ends
+//! (close, error, missed pongs, slow reader, drain, a panic) removes the
+//! session through [`SessionGuard`].
 //!
 //! The wire format is in `docs/protocol.md`; the types in `crate::protocol`.
 
@@ -31,7 +40,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 
 use super::AppState;
 use super::auth::authenticate;
@@ -41,18 +50,14 @@ use crate::protocol::{
     ErrorCode, Event, Op, OpError, OpResult, PROTOCOL_VERSION, Role, SessionId, ok_frame,
 };
 use crate::storage::WorkspaceKey;
-use crate::workspace::{SessionInfo, Workspace, WorkspaceMsg, needs_editor};
+use crate::workspace::{Responder, SessionInfo, Workspace, WorkspaceMsg, needs_editor};
 
-/// Frames queued for one socket before its client counts as too slow.
-const SEND_QUEUE: usize = 1024;
 /// Events queued between a workspace and one connection.
 const EVENT_QUEUE: usize = 1024;
 /// Requests one connection may have in flight at once.
 const MAX_IN_FLIGHT: usize = 256;
 /// Pongs a client may miss before its socket is closed.
 const MISSED_PONGS: u32 = 2;
-/// How long a request may wait for its workspace.
-const OP_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Deserialize)]
 pub struct WsQuery {
@@ -270,32 +275,57 @@ fn to_wire(result: OpResult) -> Result<Vec<u8>, OpError> {
     })
 }
 
-/// Sends an error event and a close frame, best effort.
-fn close_with(out: &mpsc::Sender<Message>, code: ErrorCode, close: u16, reason: &str) {
-    let _ = out.try_send(encode(&Event::Error {
-        code,
-        message: reason.to_string(),
-    }));
-    let _ = out.try_send(Message::Close(Some(CloseFrame {
-        code: close,
-        reason: reason.chars().take(120).collect::<String>().into(),
-    })));
+/// What the socket task writes, in order of arrival.
+enum Outgoing {
+    /// A workspace's answer to request `id`.
+    Reply(u64, OpResult),
+    Frame(Message),
+    /// An `error` event, then a close frame; the socket ends after it.
+    Close {
+        code: ErrorCode,
+        close: u16,
+        reason: String,
+    },
 }
 
-/// Runs one socket from welcome to cleanup.
+/// The socket task's queue. Unbounded, yet bounded in practice: replies are
+/// capped by the in-flight limit, other frames are rare control frames.
+type Outbox = mpsc::UnboundedSender<Outgoing>;
+
+/// How long one frame may take to reach a client before it counts as gone.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+
+/// Writes one frame; false if the client is gone or too slow to take it.
+async fn write(sink: &mut Sink, message: Message) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, sink.send(message)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Writes an `error` event and a close frame, best effort.
+async fn close_with(sink: &mut Sink, code: ErrorCode, close: u16, reason: &str) {
+    let event = encode(&Event::Error {
+        code,
+        message: reason.to_string(),
+    });
+    if write(sink, event).await {
+        let frame = CloseFrame {
+            code: close,
+            reason: reason.chars().take(120).collect::<String>().into(),
+        };
+        let _ = write(sink, Message::Close(Some(frame))).await;
+    }
+}
+
+/// Runs one socket from welcome to cleanup. This task alone touches the
+/// socket: it reads frames (handing them to the connection actor) and writes
+/// replies, events and control frames. A request thus crosses two actors
+/// (connection, workspace) and comes straight back here.
 async fn serve(socket: WebSocket, state: AppState, target: Target) {
     let (mut sink, mut stream) = socket.split();
-    let (out, mut queue) = mpsc::channel::<Message>(SEND_QUEUE);
-    let writer = tokio::spawn(async move {
-        while let Some(message) = queue.recv().await {
-            let closing = matches!(message, Message::Close(_));
-            if sink.send(message).await.is_err() || closing {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
-
     let Target { session, key } = target;
     let (events, mut incoming_events) = mpsc::channel::<Event>(EVENT_QUEUE);
     let registration = match state
@@ -306,9 +336,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         Ok(registration) => registration,
         Err(err) => {
             tracing::info!(workspace = %key, error = %err.message, "connection refused by the workspace");
-            close_with(&out, err.code, 1011, &err.message);
-            drop(out);
-            let _ = writer.await;
+            close_with(&mut sink, err.code, 1011, &err.message).await;
             return;
         }
     };
@@ -328,9 +356,12 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         role: session.role,
         head: registration.welcome.head.clone(),
     };
-    let _ = out.try_send(encode(&welcome));
+    if !write(&mut sink, encode(&welcome)).await {
+        return;
+    }
     tracing::info!(workspace = %key, session = %session.id, user = %session.username, "connected");
 
+    let (outbox, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
     let (connection, _) = match Actor::spawn(
         None,
         ConnectionActor,
@@ -339,7 +370,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
             key: key.clone(),
             workspace: registration.workspace,
             allocator: state.allocator.clone(),
-            out: out.clone(),
+            outbox: outbox.clone(),
             node,
             max_frame: state.config.max_frame,
             guard,
@@ -351,11 +382,12 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         Err(err) => {
             tracing::error!(error = %err, "starting a connection actor failed");
             close_with(
-                &out,
+                &mut sink,
                 ErrorCode::Internal,
                 1011,
                 "the server could not start this connection",
-            );
+            )
+            .await;
             return;
         }
     };
@@ -364,7 +396,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         PingActor,
         PingArgs {
             interval: state.config.ping_interval,
-            out: out.clone(),
+            outbox,
             connection: connection.clone(),
         },
         connection.get_cell(),
@@ -372,28 +404,6 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
     .await
     .ok()
     .map(|(pinger, _)| pinger);
-
-    // Workspace events go straight to the queue; a full queue closes the socket.
-    let forwarder = {
-        let (out, connection) = (out.clone(), connection.clone());
-        tokio::spawn(async move {
-            while let Some(event) = incoming_events.recv().await {
-                if out.try_send(encode(&event)).is_err() {
-                    let _ = connection.cast(ConnectionMsg::Close {
-                        code: ErrorCode::Unavailable,
-                        reason: "the client is not reading fast enough; reconnect".into(),
-                    });
-                    return;
-                }
-            }
-            // The workspace dropped this session (failed, killed, or it was too slow).
-            let _ = connection.cast(ConnectionMsg::Close {
-                code: ErrorCode::Unavailable,
-                reason: "the workspace closed this session; reconnect".into(),
-            });
-        })
-    };
-    drop(out);
 
     let mut draining = state.draining.clone();
     loop {
@@ -412,27 +422,46 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
                     }
                 }
             },
-            _ = super::until_set(&mut draining) => {
-                let _ = connection.cast(ConnectionMsg::Drain);
-                // Keep reading until the client or the writer closes.
-                while let Some(Ok(message)) = stream.next().await {
-                    if matches!(message, Message::Close(_)) {
+            Some(item) = outgoing.recv() => {
+                let delivered = match item {
+                    Outgoing::Reply(id, result) => write(&mut sink, reply_frame(id, &to_wire(result))).await,
+                    Outgoing::Frame(message) => write(&mut sink, message).await,
+                    Outgoing::Close { code, close, reason } => {
+                        close_with(&mut sink, code, close, &reason).await;
+                        false
+                    }
+                };
+                if !delivered {
+                    break;
+                }
+            }
+            event = incoming_events.recv() => match event {
+                Some(event) => {
+                    if !write(&mut sink, encode(&event)).await {
                         break;
                     }
+                }
+                None => {
+                    // The workspace dropped this session: it failed, was
+                    // killed, or could not hand it events fast enough.
+                    close_with(&mut sink, ErrorCode::Unavailable, 1008, "the workspace closed this session; reconnect").await;
+                    break;
+                }
+            },
+            _ = super::until_set(&mut draining) => {
+                let reconnect = encode(&Event::Reconnect {
+                    reason: "this node is shutting down; connect again".into(),
+                });
+                if write(&mut sink, reconnect).await {
+                    let frame = CloseFrame { code: 1012, reason: "node draining".into() };
+                    let _ = write(&mut sink, Message::Close(Some(frame))).await;
                 }
                 break;
             }
         }
-        if matches!(
-            connection.get_status(),
-            ractor::ActorStatus::Stopping | ractor::ActorStatus::Stopped
-        ) {
-            break;
-        }
     }
-    forwarder.abort();
     connection.stop(None);
-    let _ = writer.await;
+    let _ = sink.close().await;
 }
 
 /// Removes the session (allocator and store) however the connection ends,
@@ -462,7 +491,7 @@ pub struct ConnectionArgs {
     key: WorkspaceKey,
     workspace: Workspace,
     allocator: Allocator,
-    out: mpsc::Sender<Message>,
+    outbox: Outbox,
     node: String,
     max_frame: u64,
     guard: SessionGuard,
@@ -471,10 +500,8 @@ pub struct ConnectionArgs {
 pub enum ConnectionMsg {
     /// A frame from the client (binary or text).
     Frame(Message),
-    /// Close the socket with a reason (missed pongs, slow reader, ...).
+    /// Close the socket with a reason (missed pongs, ...).
     Close { code: ErrorCode, reason: String },
-    /// The node is draining: tell the client to reconnect, then close.
-    Drain,
 }
 
 pub struct ConnectionState {
@@ -482,7 +509,7 @@ pub struct ConnectionState {
     key: WorkspaceKey,
     workspace: Workspace,
     allocator: Allocator,
-    out: mpsc::Sender<Message>,
+    outbox: Outbox,
     node: String,
     max_frame: u64,
     in_flight: Arc<Semaphore>,
@@ -582,7 +609,7 @@ impl Actor for ConnectionActor {
             key: args.key,
             workspace: args.workspace,
             allocator: args.allocator,
-            out: args.out,
+            outbox: args.outbox,
             node: args.node,
             max_frame: args.max_frame,
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -597,30 +624,20 @@ impl Actor for ConnectionActor {
         state: &mut ConnectionState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ConnectionMsg::Frame(Message::Binary(bytes)) => state.frame(&myself, &bytes),
-            ConnectionMsg::Frame(_) => state.send_event(
-                Event::Error {
-                    code: ErrorCode::BadRequest,
-                    message:
-                        "text frames are not part of the protocol: send binary MessagePack frames"
-                            .into(),
-                },
-                &myself,
-            ),
+            ConnectionMsg::Frame(Message::Binary(bytes)) => state.frame(&bytes),
+            ConnectionMsg::Frame(_) => state.event(Event::Error {
+                code: ErrorCode::BadRequest,
+                message: "text frames are not part of the protocol: send binary MessagePack frames"
+                    .into(),
+            }),
             ConnectionMsg::Close { code, reason } => {
                 tracing::info!(session = %state.session.id, %reason, "closing the connection");
-                close_with(&state.out, code, 1008, &reason);
+                let _ = state.outbox.send(Outgoing::Close {
+                    code,
+                    close: 1008,
+                    reason: reason.clone(),
+                });
                 myself.stop(Some(reason));
-            }
-            ConnectionMsg::Drain => {
-                let _ = state.out.try_send(encode(&Event::Reconnect {
-                    reason: "this node is shutting down; connect again".into(),
-                }));
-                let _ = state.out.try_send(Message::Close(Some(CloseFrame {
-                    code: 1012, // service restart
-                    reason: "node draining".into(),
-                })));
-                myself.stop(Some("drain".into()));
             }
         }
         Ok(())
@@ -628,40 +645,31 @@ impl Actor for ConnectionActor {
 }
 
 impl ConnectionState {
-    /// Queues a frame; a full queue means the client is not reading: close.
-    fn send(&self, frame: Message, myself: &ActorRef<ConnectionMsg>) {
-        if self.out.try_send(frame).is_err() {
-            let _ = myself.cast(ConnectionMsg::Close {
-                code: ErrorCode::Unavailable,
-                reason: "the client is not reading fast enough; reconnect".into(),
-            });
-        }
+    fn event(&self, event: Event) {
+        let _ = self.outbox.send(Outgoing::Frame(encode(&event)));
     }
 
-    fn send_event(&self, event: Event, myself: &ActorRef<ConnectionMsg>) {
-        self.send(encode(&event), myself);
-    }
-
-    fn answer(&self, id: Option<u64>, err: OpError, myself: &ActorRef<ConnectionMsg>) {
+    /// Answers a request (with its id) or, without one, sends an `error` event.
+    fn answer(&self, id: Option<u64>, err: OpError) {
         match id {
-            Some(id) => self.send(reply_frame(id, &Err(err)), myself),
-            None => self.send_event(
-                Event::Error {
-                    code: err.code,
-                    message: err.message,
-                },
-                myself,
-            ),
+            Some(id) => {
+                let _ = self.outbox.send(Outgoing::Reply(id, Err(err)));
+            }
+            None => self.event(Event::Error {
+                code: err.code,
+                message: err.message,
+            }),
         }
     }
 
-    fn frame(&mut self, myself: &ActorRef<ConnectionMsg>, bytes: &[u8]) {
+    fn frame(&mut self, bytes: &[u8]) {
         let (id, op) = match decode(bytes, self.max_frame) {
-            Err((id, err)) => return self.answer(id, err, myself),
+            Err((id, err)) => return self.answer(id, err),
             Ok(Decoded::Ping { id }) => {
                 let pong = rmp_serde::to_vec_named(&Pong { node: &self.node })
                     .map_err(|e| OpError::internal("encoding a pong", e));
-                return self.send(reply_frame(id, &pong), myself);
+                let _ = self.outbox.send(Outgoing::Frame(reply_frame(id, &pong)));
+                return;
             }
             Ok(Decoded::Op { id, op }) => (id, op),
         };
@@ -671,53 +679,32 @@ impl ConnectionState {
                 op.name(),
                 self.session.role.as_str()
             ));
-            return self.answer(Some(id), err, myself);
+            return self.answer(Some(id), err);
         }
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             let err = OpError::new(
                 ErrorCode::Unavailable,
                 format!("more than {MAX_IN_FLIGHT} requests in flight: wait for replies"),
             );
-            return self.answer(Some(id), err, myself);
+            return self.answer(Some(id), err);
         };
         // The live actor of the key (a new one after a restart).
         if let Some(current) = self.allocator.get(&self.key) {
             self.workspace = current;
         }
-        // Cast now, in arrival order; wait for the reply in a task so that
-        // many requests can be in flight.
-        let (reply, answer) = oneshot::channel::<OpResult>();
-        let sent = self.workspace.actor().cast(WorkspaceMsg::Op {
+        // Cast in arrival order; the workspace queues its answer straight
+        // for the socket, so many requests can be in flight.
+        let outbox = self.outbox.clone();
+        let reply = Responder::new(move |result| {
+            let _ = outbox.send(Outgoing::Reply(id, result));
+            drop(permit);
+        });
+        // Undelivered (the actor is gone), the message is dropped and its
+        // responder answers `unavailable` by itself.
+        let _ = self.workspace.actor().cast(WorkspaceMsg::Op {
             session: self.session.id.clone(),
             op,
-            reply: reply.into(),
-        });
-        let (out, myself) = (self.out.clone(), myself.clone());
-        tokio::spawn(async move {
-            let result = match sent {
-                Err(_) => Err(OpError::new(
-                    ErrorCode::Unavailable,
-                    "the workspace is restarting; retry",
-                )),
-                Ok(()) => match tokio::time::timeout(OP_TIMEOUT, answer).await {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(_)) => Err(OpError::new(
-                        ErrorCode::Unavailable,
-                        "the workspace stopped while handling this request; retry",
-                    )),
-                    Err(_) => Err(OpError::new(
-                        ErrorCode::Unavailable,
-                        "the workspace did not answer in time; retry",
-                    )),
-                },
-            };
-            if out.try_send(reply_frame(id, &to_wire(result))).is_err() {
-                let _ = myself.cast(ConnectionMsg::Close {
-                    code: ErrorCode::Unavailable,
-                    reason: "the client is not reading fast enough; reconnect".into(),
-                });
-            }
-            drop(permit);
+            reply,
         });
     }
 }
@@ -726,7 +713,7 @@ pub struct PingActor;
 
 pub struct PingArgs {
     interval: Duration,
-    out: mpsc::Sender<Message>,
+    outbox: Outbox,
     connection: ActorRef<ConnectionMsg>,
 }
 
@@ -736,7 +723,7 @@ pub enum PingMsg {
 }
 
 pub struct PingState {
-    out: mpsc::Sender<Message>,
+    outbox: Outbox,
     connection: ActorRef<ConnectionMsg>,
     unanswered: u32,
 }
@@ -753,7 +740,7 @@ impl Actor for PingActor {
     ) -> Result<PingState, ActorProcessingErr> {
         myself.send_interval(args.interval, || PingMsg::Tick);
         Ok(PingState {
-            out: args.out,
+            outbox: args.outbox,
             connection: args.connection,
             unanswered: 0,
         })
@@ -777,7 +764,9 @@ impl Actor for PingActor {
                     return Ok(());
                 }
                 state.unanswered += 1;
-                let _ = state.out.try_send(Message::Ping(Vec::new().into()));
+                let _ = state
+                    .outbox
+                    .send(Outgoing::Frame(Message::Ping(Vec::new().into())));
             }
         }
         Ok(())

@@ -128,7 +128,7 @@ pub enum WorkspaceMsg {
     Op {
         session: SessionId,
         op: Op,
-        reply: RpcReplyPort<OpResult>,
+        reply: Responder,
     },
     Info {
         reply: RpcReplyPort<WorkspaceInfo>,
@@ -146,6 +146,45 @@ pub enum WorkspaceMsg {
     /// test builds; no client message can produce it.
     #[cfg(any(test, feature = "fault-injection"))]
     Panic,
+}
+
+/// Where an op's result goes. A reply port for callers that wait; a
+/// connection passes a closure that queues the reply for its socket, so the
+/// result reaches the socket without an extra task in between.
+///
+/// A responder dropped unanswered (the actor died, or the message never
+/// arrived) answers `unavailable`, so no caller waits forever.
+pub struct Responder(Option<Box<dyn FnOnce(OpResult) + Send>>);
+
+impl Responder {
+    pub fn new(deliver: impl FnOnce(OpResult) + Send + 'static) -> Responder {
+        Responder(Some(Box::new(deliver)))
+    }
+
+    fn send(mut self, result: OpResult) {
+        if let Some(deliver) = self.0.take() {
+            deliver(result);
+        }
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        if let Some(deliver) = self.0.take() {
+            deliver(Err(OpError::new(
+                ErrorCode::Unavailable,
+                "the workspace stopped before answering; retry",
+            )));
+        }
+    }
+}
+
+impl From<RpcReplyPort<OpResult>> for Responder {
+    fn from(port: RpcReplyPort<OpResult>) -> Responder {
+        Responder::new(move |result| {
+            let _ = port.send(result);
+        })
+    }
 }
 
 pub struct WorkspaceArgs {
@@ -235,7 +274,7 @@ impl Actor for WorkspaceActor {
             WorkspaceMsg::Detach { session } => state.detach(&session),
             WorkspaceMsg::Op { session, op, reply } => {
                 let result = state.op(&myself, &session, op).await;
-                let _ = reply.send(result);
+                reply.send(result);
             }
             WorkspaceMsg::Info { reply } => {
                 let _ = reply.send(state.info());
@@ -879,7 +918,7 @@ impl Workspace {
         self.ask(|reply| WorkspaceMsg::Op {
             session: session.clone(),
             op,
-            reply,
+            reply: reply.into(),
         })
         .await?
     }

@@ -14,8 +14,8 @@ pub mod repo;
 pub mod snapshot;
 
 pub use actor::{
-    CALL_TIMEOUT, EventSink, SessionInfo, Welcome, Workspace, WorkspaceActor, WorkspaceArgs,
-    WorkspaceInfo, WorkspaceMsg, WorkspaceSettings, needs_editor,
+    CALL_TIMEOUT, EventSink, Responder, SessionInfo, Welcome, Workspace, WorkspaceActor,
+    WorkspaceArgs, WorkspaceInfo, WorkspaceMsg, WorkspaceSettings, needs_editor,
 };
 
 use std::path::Path;
