@@ -180,11 +180,17 @@ async fn main() {
     let mut config = Config::from_env().expect("config");
     config.workspace_dir = Some(work_root.clone());
     let settings = WorkspaceSettings::from_config(&config);
+    let node = format!("bench-{}", std::process::id());
+    store.register_node(&node, None, None).await.expect("node");
+    let fence = match store.claim(&key, &node, 600_000).await.expect("claim") {
+        storage::ClaimOutcome::Owned(claim) => claim.fence().expect("owner"),
+        other => panic!("the bench could not own the workspace: {other:?}"),
+    };
     let args = || WorkspaceArgs {
         key: key.clone(),
         store: store.clone(),
         settings: settings.clone(),
-        fence: None,
+        fence: fence.clone(),
     };
 
     println!(

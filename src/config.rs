@@ -148,6 +148,14 @@ pub struct Config {
     #[arg(long, env = "BRANCHD_PING_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub ping_interval: Duration,
 
+    /// A workspace with unsaved changes is saved by itself this long after its last change.
+    #[arg(long, env = "BRANCHD_AUTOSAVE_QUIET", default_value = "30s", value_parser = parse_duration)]
+    pub autosave_quiet: Duration,
+
+    /// ... and at least this often while changes keep coming.
+    #[arg(long, env = "BRANCHD_AUTOSAVE_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub autosave_max: Duration,
+
     /// How long an edit lock lasts when the client names no ttl.
     #[arg(long, env = "BRANCHD_LOCK_TTL", default_value = "30s", value_parser = parse_duration)]
     pub lock_ttl: Duration,

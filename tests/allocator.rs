@@ -22,7 +22,7 @@ on_both_backends!(
     an_idle_workspace_is_saved_and_collected_after_the_grace_period,
     a_session_back_within_the_grace_period_finds_the_same_actor,
     fifty_concurrent_registers_spawn_exactly_one_actor,
-    a_crashed_workspace_restarts_from_its_last_save_and_its_sessions_keep_working,
+    a_crashed_workspace_restarts_with_every_acknowledged_edit_and_its_sessions_keep_working,
     the_restart_limit_marks_the_key_failed_until_an_operator_resets_it,
     a_restarted_node_wipes_the_rows_its_server_tag_left,
     kill_saves_then_stops_a_workspace,
@@ -215,7 +215,9 @@ async fn fifty_concurrent_registers_spawn_exactly_one_actor(db: TestDb) {
     assert_eq!(ref_count(&setup, &setup.key).await.0, 50);
 }
 
-async fn a_crashed_workspace_restarts_from_its_last_save_and_its_sessions_keep_working(db: TestDb) {
+async fn a_crashed_workspace_restarts_with_every_acknowledged_edit_and_its_sessions_keep_working(
+    db: TestDb,
+) {
     let setup = Setup::new(db, |_| {}).await;
     let allocator = allocator(&setup, |_| {}).await;
     let (workspace, mut events) = register(&allocator, &setup.key, "ada").await;
@@ -228,7 +230,7 @@ async fn a_crashed_workspace_restarts_from_its_last_save_and_its_sessions_keep_w
         &workspace,
         "ada",
         "unsaved.txt",
-        b"lost until the journal lands",
+        b"acknowledged, not yet saved",
     )
     .await;
     let crashed = workspace.actor().get_id();
@@ -236,7 +238,7 @@ async fn a_crashed_workspace_restarts_from_its_last_save_and_its_sessions_keep_w
     workspace.actor().cast(WorkspaceMsg::Panic).expect("cast");
     let event = next_event(&mut events).await;
     assert!(
-        matches!(event, Event::Restarted { ref reason } if reason.contains("restarted from its last saved state")),
+        matches!(event, Event::Restarted { ref reason } if reason.contains("nothing acknowledged was lost")),
         "{event:?}"
     );
     let restarted = allocator
@@ -256,7 +258,7 @@ async fn a_crashed_workspace_restarts_from_its_last_save_and_its_sessions_keep_w
         .await
         .expect("read after the restart");
     assert!(matches!(reply, Reply::File { content, .. } if content == b"saved"));
-    let lost = restarted
+    let replayed = restarted
         .op(
             &ada,
             Op::ReadFile {
@@ -264,8 +266,10 @@ async fn a_crashed_workspace_restarts_from_its_last_save_and_its_sessions_keep_w
             },
         )
         .await
-        .expect_err("restarted from the last snapshot");
-    assert_eq!(lost.code, ErrorCode::NotFound);
+        .expect("an acknowledged write survives the crash (snapshot + journal)");
+    assert!(
+        matches!(replayed, Reply::File { content, .. } if content == b"acknowledged, not yet saved")
+    );
     write(&restarted, "ada", "after.txt", b"still editing").await;
     let stats = allocator.stats().await.expect("stats");
     assert_eq!((stats.restarts, stats.activations), (1, 2));

@@ -11,7 +11,7 @@ use branchd::config::Config;
 use branchd::protocol::{EntryKind, ErrorCode, Event, Op, OpError, Reply};
 use branchd::storage::{Role, Store, WorkspaceKey};
 use branchd::workspace::{Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
-use common::{Setup, TestDb, next_event, session};
+use common::{Setup, TestDb, next_event, own, session};
 use tokio::sync::mpsc;
 
 on_both_backends!(
@@ -59,11 +59,13 @@ impl Fixture {
     }
 
     async fn start_branch(&self, branch: &str) -> Result<Workspace, OpError> {
+        let key = WorkspaceKey::new(self.key.project_id, branch);
+        let fence = own(self.store.as_ref(), &key).await;
         let (workspace, _) = Workspace::start(WorkspaceArgs {
-            key: WorkspaceKey::new(self.key.project_id, branch),
+            key,
             store: self.store.clone(),
             settings: self.settings.clone(),
-            fence: None,
+            fence,
         })
         .await?;
         Ok(workspace)

@@ -254,10 +254,9 @@ async fn activation(
         None => {
             let lease_ms = settings.lease.as_millis() as i64;
             match store.claim(&key, &settings.server_tag, lease_ms).await? {
-                ClaimOutcome::Owned(claim) => Fence {
-                    server_tag: settings.server_tag.clone(),
-                    epoch: claim.epoch,
-                },
+                ClaimOutcome::Owned(claim) => claim.fence().ok_or_else(|| {
+                    OpError::internal("claiming the workspace", "an owned claim without an owner")
+                })?,
                 ClaimOutcome::HeldBy(claim) => {
                     return Err(unavailable(format!(
                         "workspace {key} is served by node {}; connect there",
@@ -272,7 +271,7 @@ async fn activation(
             key,
             store,
             settings: workspaces,
-            fence: Some(fence.clone()),
+            fence: fence.clone(),
         },
         supervisor,
     )
@@ -502,8 +501,8 @@ impl AllocatorState {
                 self.stats.restarts += 1;
                 tracing::warn!(workspace = %key, %reason, restarts = entry.restarts, "workspace crashed; restarting it from its last saved state");
                 // Clients learn that it happened, not the internals (those are logged).
-                let told =
-                    "the workspace crashed and was restarted from its last saved state".to_string();
+                let told = "the workspace crashed and was restarted; nothing acknowledged was lost"
+                    .to_string();
                 self.activate(myself, &key, Some(told));
             }
             Err(until) => {

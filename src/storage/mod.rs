@@ -249,6 +249,16 @@ pub struct Claim {
     pub updated_at: i64,
 }
 
+impl Claim {
+    /// The fence its owner writes under (`None` when released).
+    pub fn fence(&self) -> Option<Fence> {
+        self.server_tag.as_ref().map(|tag| Fence {
+            server_tag: tag.clone(),
+            epoch: self.epoch,
+        })
+    }
+}
+
 /// What a claim attempt found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {

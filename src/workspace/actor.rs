@@ -24,6 +24,7 @@ use tempfile::TempDir;
 use tokio::sync::mpsc;
 
 use super::files::{FileLimits, Files};
+use super::journal::{self, JournalOp};
 use super::paths::WorkPath;
 use super::repo::{self, GitAuthor};
 use super::snapshot;
@@ -47,6 +48,10 @@ pub struct WorkspaceSettings {
     pub lock_ttl: Duration,
     /// Longest lock lifetime a client may ask for.
     pub max_lock_ttl: Duration,
+    /// Unsaved changes are saved this long after the last change...
+    pub autosave_quiet: Duration,
+    /// ... and at least this often while changes keep coming.
+    pub autosave_max: Duration,
 }
 
 impl WorkspaceSettings {
@@ -62,6 +67,8 @@ impl WorkspaceSettings {
             snapshots_kept: config.snapshots_kept,
             lock_ttl: config.lock_ttl,
             max_lock_ttl: config.max_lock_ttl,
+            autosave_quiet: config.autosave_quiet,
+            autosave_max: config.autosave_max,
         }
     }
 }
@@ -142,6 +149,8 @@ pub enum WorkspaceMsg {
     LockExpired {
         generation: u64,
     },
+    /// Time to check whether unsaved changes are due for saving.
+    AutosaveTick,
     /// Makes the actor panic, to test what survives one. Exists only in
     /// test builds; no client message can produce it.
     #[cfg(any(test, feature = "fault-injection"))]
@@ -191,8 +200,8 @@ pub struct WorkspaceArgs {
     pub key: WorkspaceKey,
     pub store: Arc<dyn Store>,
     pub settings: WorkspaceSettings,
-    /// Proof of ownership for snapshot writes; `None` where no claim is used.
-    pub fence: Option<Fence>,
+    /// Proof of ownership: every journal record and snapshot is written under it.
+    pub fence: Fence,
 }
 
 struct Attached {
@@ -210,7 +219,12 @@ pub struct WorkspaceState {
     key: WorkspaceKey,
     store: Arc<dyn Store>,
     settings: WorkspaceSettings,
-    fence: Option<Fence>,
+    fence: Fence,
+    /// The last journal record applied here; a save covers up to it.
+    journal_seq: i64,
+    /// When the first unsaved change and the latest change were made (autosave).
+    dirty_since: Option<Instant>,
+    last_change: Option<Instant>,
     files: Files,
     sessions: HashMap<SessionId, Attached>,
     lock: Option<EditLock>,
@@ -231,6 +245,20 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The outcome of applying a change that is already in the journal. It
+/// cannot be refused any more (it was checked); if the disk fails it, the
+/// working copy no longer matches the journal, so the actor stops here and
+/// is restarted from snapshot + journal, which applies it again.
+fn applied<T>(outcome: Result<T, OpError>) -> T {
+    match outcome {
+        Ok(value) => value,
+        Err(err) => panic!(
+            "a journalled change could not be applied ({}); restarting from the journal",
+            err.message
+        ),
+    }
+}
+
 /// Runs blocking work on the blocking pool.
 async fn blocking<T: Send + 'static>(
     context: &'static str,
@@ -248,10 +276,15 @@ impl Actor for WorkspaceActor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<WorkspaceMsg>,
+        myself: ActorRef<WorkspaceMsg>,
         args: WorkspaceArgs,
     ) -> Result<WorkspaceState, ActorProcessingErr> {
-        Ok(activate(args).await?)
+        let state = activate(args).await?;
+        let tick = (state.settings.autosave_quiet / 2)
+            .min(state.settings.autosave_max / 2)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
+        myself.send_interval(tick, || WorkspaceMsg::AutosaveTick);
+        Ok(state)
     }
 
     async fn handle(
@@ -283,6 +316,7 @@ impl Actor for WorkspaceActor {
                 let _ = reply.send(state.save(None).await);
             }
             WorkspaceMsg::LockExpired { generation } => state.expire_lock(Some(generation)),
+            WorkspaceMsg::AutosaveTick => state.autosave().await,
             #[cfg(any(test, feature = "fault-injection"))]
             WorkspaceMsg::Panic => panic!("test-requested panic"),
         }
@@ -319,6 +353,13 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
     let max_bytes = settings.max_workspace;
     let version = snapshot.meta.version;
     let data = snapshot.data;
+    let records = store
+        .journal_after(&key, snapshot.meta.journal_seq)
+        .await
+        .map_err(OpError::from)?;
+    let replayed = records.len();
+    let journal_seq = records.last().map_or(snapshot.meta.journal_seq, |r| r.seq);
+    let limits = settings.files;
     let files = blocking("unpacking the snapshot", move || {
         snapshot::unpack(&data, &path, max_bytes).map_err(|e| match e {
             snapshot::SnapshotError::TooLarge { .. } => OpError::too_large(format!(
@@ -328,24 +369,36 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
         })?;
         git2::Repository::open(&path)
             .map_err(|e| OpError::internal("opening the snapshot's repository", e))?;
-        Ok(())
+        let mut files = Files::open(&path, limits)
+            .map_err(|e| OpError::internal("preparing the working dir", e))?;
+        for record in &records {
+            JournalOp::decode(&record.op)?
+                .apply(&mut files, &path)
+                .map_err(|e| {
+                    OpError::internal(
+                        "replaying the journal",
+                        format!("record {} failed: {}", record.seq, e.message),
+                    )
+                })?;
+        }
+        Ok(files)
     })
-    .await
-    .and_then(|()| {
-        Files::open(dir.path(), settings.files)
-            .map_err(|e| OpError::internal("preparing the working dir", e))
-    })?;
-    tracing::info!(workspace = %key, snapshot_version = version, elapsed_ms = started.elapsed().as_millis() as u64, "workspace activated");
+    .await?;
+    tracing::info!(workspace = %key, snapshot_version = version, replayed, elapsed_ms = started.elapsed().as_millis() as u64, "workspace activated");
+    let replayed_at = (replayed > 0).then(Instant::now);
     Ok(WorkspaceState {
         key,
         store,
         settings,
         fence,
+        journal_seq,
+        dirty_since: replayed_at,
+        last_change: replayed_at,
         files,
         sessions: HashMap::new(),
         lock: None,
         lock_generation: 0,
-        dirty: false,
+        dirty: replayed > 0,
         snapshot_version: version,
         last_activity: now_ms(),
         dir,
@@ -542,10 +595,11 @@ impl WorkspaceState {
                 force,
             } => {
                 let path = self.path(&path)?;
-                let version = self
-                    .files
-                    .write(&path, &content, base_version.as_deref(), force)?;
-                self.dirty = true;
+                self.files
+                    .check_write(&path, &content, base_version.as_deref(), force)?;
+                self.record(journal::encode_write(path.as_str(), &content)?)
+                    .await?;
+                let version = applied(self.files.apply_write(&path, &content));
                 self.broadcast(
                     Some(session),
                     Event::FileChanged {
@@ -562,8 +616,15 @@ impl WorkspaceState {
             }
             Op::DeletePath { path, base_version } => {
                 let path = self.path(&path)?;
-                let kind = self.files.delete(&path, base_version.as_deref())?;
-                self.dirty = true;
+                self.files.check_delete(&path, base_version.as_deref())?;
+                self.record(
+                    JournalOp::Delete {
+                        path: path.to_string(),
+                    }
+                    .encode()?,
+                )
+                .await?;
+                let kind = applied(self.files.apply_delete(&path));
                 self.broadcast(
                     Some(session),
                     Event::PathDeleted {
@@ -576,8 +637,16 @@ impl WorkspaceState {
             }
             Op::RenamePath { from, to } => {
                 let (from, to) = (self.path(&from)?, self.path(&to)?);
-                self.files.rename(&from, &to)?;
-                self.dirty = true;
+                self.files.check_rename(&from, &to)?;
+                self.record(
+                    JournalOp::Rename {
+                        from: from.to_string(),
+                        to: to.to_string(),
+                    }
+                    .encode()?,
+                )
+                .await?;
+                applied(self.files.apply_rename(&from, &to));
                 self.broadcast(
                     Some(session),
                     Event::PathRenamed {
@@ -590,8 +659,15 @@ impl WorkspaceState {
             }
             Op::MakeDir { path } => {
                 let path = self.path(&path)?;
-                if self.files.make_dir(&path)? {
-                    self.dirty = true;
+                if self.files.check_make_dir(&path)? {
+                    self.record(
+                        JournalOp::MakeDir {
+                            path: path.to_string(),
+                        }
+                        .encode()?,
+                    )
+                    .await?;
+                    applied(self.files.apply_make_dir(&path));
                     self.broadcast(
                         Some(session),
                         Event::FileChanged {
@@ -679,11 +755,38 @@ impl WorkspaceState {
                     name: who.display_name.clone(),
                     email: who.email.clone(),
                 };
-                let (commit, message) = blocking("committing", move || {
-                    repo::commit(&dir, &message, paths.as_deref(), &author, now_ms())
+                let time_ms = now_ms();
+                let (check_dir, check_paths, check_author, check_message) =
+                    (dir.clone(), paths.clone(), author.clone(), message.clone());
+                blocking("checking the commit", move || {
+                    repo::check_commit(
+                        &check_dir,
+                        &check_message,
+                        check_paths.as_deref(),
+                        &check_author,
+                        time_ms,
+                    )
                 })
                 .await?;
-                self.dirty = true;
+                self.record(
+                    JournalOp::Commit {
+                        message: message.clone(),
+                        paths: paths
+                            .as_ref()
+                            .map(|ps| ps.iter().map(|p| p.to_string()).collect()),
+                        name: author.name.clone(),
+                        email: author.email.clone(),
+                        time_ms,
+                    }
+                    .encode()?,
+                )
+                .await?;
+                let (commit, message) = applied(
+                    blocking("committing", move || {
+                        repo::commit(&dir, &message, paths.as_deref(), &author, time_ms)
+                    })
+                    .await,
+                );
                 self.broadcast(
                     Some(session),
                     Event::Committed {
@@ -783,6 +886,40 @@ impl WorkspaceState {
         })
     }
 
+    /// Appends a change's record under the fence. Called after the change
+    /// was checked and before it is applied: once this returns, the change
+    /// survives any crash, and only then is it applied and acknowledged.
+    async fn record(&mut self, record: Vec<u8>) -> Result<(), OpError> {
+        let seq = self
+            .store
+            .append_journal(&self.key, &self.fence, &record)
+            .await?;
+        self.journal_seq = seq;
+        let now = Instant::now();
+        self.dirty = true;
+        self.last_change = Some(now);
+        self.dirty_since.get_or_insert(now);
+        Ok(())
+    }
+
+    /// Saves unsaved changes once they have been quiet for the autosave
+    /// period, or have waited the longest autosave period.
+    async fn autosave(&mut self) {
+        let now = Instant::now();
+        let quiet = self
+            .last_change
+            .is_some_and(|at| now.duration_since(at) >= self.settings.autosave_quiet);
+        let overdue = self
+            .dirty_since
+            .is_some_and(|at| now.duration_since(at) >= self.settings.autosave_max);
+        if self.dirty
+            && (quiet || overdue)
+            && let Err(err) = self.save(None).await
+        {
+            tracing::warn!(workspace = %self.key, error = %err.message, "autosave failed; retrying on the next tick");
+        }
+    }
+
     /// Packs the working dir into a new snapshot version unless nothing
     /// changed since the last save. Returns the version and whether it is new.
     async fn save(&mut self, by: Option<&SessionInfo>) -> Result<(i64, bool), OpError> {
@@ -803,13 +940,15 @@ impl WorkspaceState {
                 NewSnapshot {
                     data,
                     author: by.map(|s| s.username.clone()),
-                    journal_seq: 0,
+                    journal_seq: self.journal_seq,
                     keep: self.settings.snapshots_kept,
                 },
-                self.fence.as_ref(),
+                Some(&self.fence),
             )
             .await?;
         self.dirty = false;
+        self.dirty_since = None;
+        self.last_change = None;
         self.snapshot_version = meta.version;
         tracing::info!(workspace = %self.key, version = meta.version, bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "workspace saved");
         Ok((meta.version, true))
@@ -988,11 +1127,17 @@ mod tests {
         let mut config = Config::from_env().expect("config");
         config.database.data_dir = data.path().to_path_buf();
         config.workspace_dir = None;
+        let key = WorkspaceKey::new(project.id, "main");
+        store.register_node("t", None, None).await.expect("node");
+        let fence = match store.claim(&key, "t", 60_000).await.expect("claim") {
+            crate::storage::ClaimOutcome::Owned(claim) => claim.fence().expect("owner"),
+            other => panic!("{other:?}"),
+        };
         let (workspace, handle) = Workspace::start(WorkspaceArgs {
-            key: WorkspaceKey::new(project.id, "main"),
+            key,
             store,
             settings: WorkspaceSettings::from_config(&config),
-            fence: None,
+            fence,
         })
         .await
         .expect("start");

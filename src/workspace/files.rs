@@ -62,10 +62,6 @@ impl Files {
         })
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Forgets cached versions of `path` and everything below it.
     pub fn forget(&mut self, path: &WorkPath) {
         let below = format!("{path}/");
@@ -207,16 +203,16 @@ impl Files {
         Ok((content, version))
     }
 
-    /// Writes a file if `base` is its current version (`None`: it must not
-    /// exist) or `force` is set; otherwise `conflict` with the current
-    /// version. Missing parent directories are created. Returns the new version.
-    pub fn write(
+    /// Checks that a write may happen: `base` must be the file's current
+    /// version (`None`: it must not exist) unless `force`; otherwise
+    /// `conflict` with the current version. Nothing is changed.
+    pub fn check_write(
         &mut self,
         path: &WorkPath,
         content: &[u8],
         base: Option<&str>,
         force: bool,
-    ) -> Result<String, OpError> {
+    ) -> Result<(), OpError> {
         if path.is_root() {
             return Err(OpError::bad_request("path is empty: name a file"));
         }
@@ -227,6 +223,7 @@ impl Files {
                 self.limits.max_file
             )));
         }
+        self.check_parents(path)?;
         let current = self.version(path)?;
         if !force {
             match (base, current.as_deref()) {
@@ -252,6 +249,12 @@ impl Files {
                 _ => {}
             }
         }
+        Ok(())
+    }
+
+    /// Writes a file, creating missing parent directories. Returns the new
+    /// version. Unchecked: see [`Files::check_write`].
+    pub fn apply_write(&mut self, path: &WorkPath, content: &[u8]) -> Result<String, OpError> {
         self.make_parents(path)?;
         let staged = self.tmp.join(format!("write-{}", self.next_tmp));
         self.next_tmp += 1;
@@ -263,6 +266,23 @@ impl Files {
         let version = version_of(content);
         self.versions.insert(path.to_string(), version.clone());
         Ok(version)
+    }
+
+    /// `bad_request` if a directory on the way to `path` is a file.
+    fn check_parents(&mut self, path: &WorkPath) -> Result<(), OpError> {
+        let mut parent = path.parent();
+        while !parent.is_root() {
+            let on_disk = parent.resolve(&self.root)?;
+            if Self::kind_of(&on_disk).map_err(|e| io_error("checking", path, e))?
+                == Some(EntryKind::File)
+            {
+                return Err(OpError::bad_request(format!(
+                    "a parent of {path:?} is a file, not a directory"
+                )));
+            }
+            parent = parent.parent();
+        }
+        Ok(())
     }
 
     fn make_parents(&mut self, path: &WorkPath) -> Result<(), OpError> {
@@ -279,25 +299,23 @@ impl Files {
         })
     }
 
-    /// Deletes a file (if `base` is given, only at that version) or a
-    /// directory and everything below it. Returns what was deleted.
-    pub fn delete(&mut self, path: &WorkPath, base: Option<&str>) -> Result<EntryKind, OpError> {
+    /// Checks a delete of a file (if `base` is given, only at that version)
+    /// or a directory and everything below it; returns what would be deleted.
+    pub fn check_delete(
+        &mut self,
+        path: &WorkPath,
+        base: Option<&str>,
+    ) -> Result<EntryKind, OpError> {
         if path.is_root() {
             return Err(OpError::bad_request("the project root cannot be deleted"));
         }
         let on_disk = path.resolve(&self.root)?;
         match Self::kind_of(&on_disk).map_err(|e| io_error("deleting", path, e))? {
             None => Err(OpError::not_found(format!("{path:?} does not exist"))),
-            Some(EntryKind::Dir) => {
-                if base.is_some() {
-                    return Err(OpError::bad_request(format!(
-                        "{path:?} is a directory: directories have no version"
-                    )));
-                }
-                std::fs::remove_dir_all(&on_disk).map_err(|e| io_error("deleting", path, e))?;
-                self.forget(path);
-                Ok(EntryKind::Dir)
-            }
+            Some(EntryKind::Dir) if base.is_some() => Err(OpError::bad_request(format!(
+                "{path:?} is a directory: directories have no version"
+            ))),
+            Some(EntryKind::Dir) => Ok(EntryKind::Dir),
             Some(EntryKind::File) => {
                 if let Some(base) = base {
                     let current = self.version(path)?;
@@ -308,6 +326,22 @@ impl Files {
                         ));
                     }
                 }
+                Ok(EntryKind::File)
+            }
+        }
+    }
+
+    /// Deletes a file or a directory and everything below it. Unchecked.
+    pub fn apply_delete(&mut self, path: &WorkPath) -> Result<EntryKind, OpError> {
+        let on_disk = path.resolve(&self.root)?;
+        match Self::kind_of(&on_disk).map_err(|e| io_error("deleting", path, e))? {
+            None => Err(OpError::not_found(format!("{path:?} does not exist"))),
+            Some(EntryKind::Dir) => {
+                std::fs::remove_dir_all(&on_disk).map_err(|e| io_error("deleting", path, e))?;
+                self.forget(path);
+                Ok(EntryKind::Dir)
+            }
+            Some(EntryKind::File) => {
                 std::fs::remove_file(&on_disk).map_err(|e| io_error("deleting", path, e))?;
                 self.versions.remove(path.as_str());
                 Ok(EntryKind::File)
@@ -315,9 +349,9 @@ impl Files {
         }
     }
 
-    /// Moves a file or directory; the target must not exist. Missing parent
-    /// directories of the target are created.
-    pub fn rename(&mut self, from: &WorkPath, to: &WorkPath) -> Result<EntryKind, OpError> {
+    /// Checks a move of a file or directory (the target must not exist);
+    /// returns what would move.
+    pub fn check_rename(&mut self, from: &WorkPath, to: &WorkPath) -> Result<EntryKind, OpError> {
         if from.is_root() || to.is_root() {
             return Err(OpError::bad_request("the project root cannot be renamed"));
         }
@@ -338,6 +372,14 @@ impl Files {
             let current = self.version(to).ok().flatten();
             return Err(OpError::conflict(format!("{to:?} already exists"), current));
         }
+        self.check_parents(to)?;
+        Ok(kind)
+    }
+
+    /// Moves a file or directory, creating the target's parents. Unchecked.
+    pub fn apply_rename(&mut self, from: &WorkPath, to: &WorkPath) -> Result<(), OpError> {
+        let source = from.resolve(&self.root)?;
+        let target = to.resolve(&self.root)?;
         self.make_parents(to)?;
         std::fs::rename(&source, &target).map_err(|e| io_error("renaming", from, e))?;
         let below = format!("{from}/");
@@ -349,12 +391,12 @@ impl Files {
             .collect();
         self.forget(from);
         self.versions.extend(moved);
-        Ok(kind)
+        Ok(())
     }
 
-    /// Creates a directory and its parents; fine if it already exists.
-    /// Returns whether anything was created.
-    pub fn make_dir(&mut self, path: &WorkPath) -> Result<bool, OpError> {
+    /// Checks a make-dir: whether it would create anything (`false`: the
+    /// directory exists), `conflict` if a file is there.
+    pub fn check_make_dir(&mut self, path: &WorkPath) -> Result<bool, OpError> {
         if path.is_root() {
             return Ok(false);
         }
@@ -366,10 +408,15 @@ impl Files {
                 self.version(path)?,
             )),
             None => {
-                self.make_parents(path)?;
-                std::fs::create_dir(&on_disk).map_err(|e| io_error("creating", path, e))?;
+                self.check_parents(path)?;
                 Ok(true)
             }
         }
+    }
+
+    /// Creates a directory and its parents; fine if it exists. Unchecked.
+    pub fn apply_make_dir(&mut self, path: &WorkPath) -> Result<(), OpError> {
+        let on_disk = path.resolve(&self.root)?;
+        std::fs::create_dir_all(&on_disk).map_err(|e| io_error("creating", path, e))
     }
 }

@@ -9,6 +9,7 @@
 
 mod actor;
 pub mod files;
+pub mod journal;
 pub mod paths;
 pub mod repo;
 pub mod snapshot;

@@ -179,26 +179,38 @@ fn stage_path(index: &mut git2::Index, dir: &Path, path: &WorkPath) -> Result<()
     index.remove_dir(Path::new(name), 0)
 }
 
-/// Commits every change in the work tree, or only those at `paths`, as
-/// `author` at `time_ms`. Refuses (`conflict`) when nothing would change.
-/// Returns the commit id and the message as stored (cleaned up as git does).
-pub fn commit(
+/// A commit staged but not made: the tree it would record, checked to differ from HEAD.
+struct Staged {
+    repo: Repository,
+    head_id: git2::Oid,
+    index: git2::Index,
+    tree_id: git2::Oid,
+    message: String,
+    signature: Signature<'static>,
+}
+
+fn stage(
     dir: &Path,
     message: &str,
     paths: Option<&[WorkPath]>,
     author: &GitAuthor,
     time_ms: i64,
-) -> Result<(String, String), OpError> {
+) -> Result<Staged, OpError> {
     let message = git2::message_prettify(message, None)
         .map_err(|e| OpError::bad_request(format!("commit message is not usable: {e}")))?;
     if message.trim().is_empty() {
         return Err(OpError::bad_request("commit message is empty"));
     }
+    let when = Time::new(time_ms.div_euclid(1000), 0);
+    let signature = Signature::new(&author.name, &author.email, &when)
+        .map_err(|e| OpError::bad_request(format!("the author is not usable in git: {e}")))?;
     let repo = open(dir)?;
     let head = repo
         .head()
         .and_then(|h| h.peel_to_commit())
         .map_err(|e| git_error("reading HEAD", e))?;
+    let (head_id, head_tree) = (head.id(), head.tree_id());
+    drop(head);
     let mut index = repo
         .index()
         .map_err(|e| git_error("reading the index", e))?;
@@ -225,18 +237,59 @@ pub fn commit(
     let tree_id = index
         .write_tree()
         .map_err(|e| git_error("writing the tree", e))?;
-    if tree_id == head.tree_id() {
+    if tree_id == head_tree {
         return Err(OpError::conflict(
             "nothing to commit: the named files match HEAD",
             None,
         ));
     }
+    Ok(Staged {
+        repo,
+        head_id,
+        index,
+        tree_id,
+        message,
+        signature,
+    })
+}
+
+/// Checks that [`commit`] with these arguments would succeed, without
+/// committing (the index on disk is untouched).
+pub fn check_commit(
+    dir: &Path,
+    message: &str,
+    paths: Option<&[WorkPath]>,
+    author: &GitAuthor,
+    time_ms: i64,
+) -> Result<(), OpError> {
+    stage(dir, message, paths, author, time_ms).map(|_| ())
+}
+
+/// Commits every change in the work tree, or only those at `paths`, as
+/// `author` at `time_ms`. Refuses (`conflict`) when nothing would change.
+/// Returns the commit id and the message as stored (cleaned up as git does).
+/// The same arguments on the same tree give the same commit id.
+pub fn commit(
+    dir: &Path,
+    message: &str,
+    paths: Option<&[WorkPath]>,
+    author: &GitAuthor,
+    time_ms: i64,
+) -> Result<(String, String), OpError> {
+    let Staged {
+        repo,
+        head_id,
+        mut index,
+        tree_id,
+        message,
+        signature,
+    } = stage(dir, message, paths, author, time_ms)?;
     let tree = repo
         .find_tree(tree_id)
         .map_err(|e| git_error("reading the tree", e))?;
-    let when = Time::new(time_ms.div_euclid(1000), 0);
-    let signature = Signature::new(&author.name, &author.email, &when)
-        .map_err(|e| OpError::bad_request(format!("the author is not usable in git: {e}")))?;
+    let head = repo
+        .find_commit(head_id)
+        .map_err(|e| git_error("reading HEAD", e))?;
     let id = repo
         .commit(
             Some("HEAD"),

@@ -352,6 +352,23 @@ impl Setup {
     }
 }
 
+/// Makes this test the owner of `key` (as node "test-owner") and returns
+/// the fence its writes go under.
+pub async fn own(store: &dyn Store, key: &WorkspaceKey) -> branchd::storage::Fence {
+    store
+        .register_node("test-owner", None, None)
+        .await
+        .expect("node row");
+    match store
+        .claim(key, "test-owner", 600_000)
+        .await
+        .expect("claim")
+    {
+        branchd::storage::ClaimOutcome::Owned(claim) => claim.fence().expect("an owner"),
+        other => panic!("the test could not own {key}: {other:?}"),
+    }
+}
+
 /// A session of user `id` (the username too) with `role`.
 pub fn session(id: &str, role: Role) -> SessionInfo {
     SessionInfo {
