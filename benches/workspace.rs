@@ -277,7 +277,30 @@ async fn main() {
         )
     })
     .await
-    .row("write_file 1 KiB");
+    .row("write_file 1 KiB (journalled)");
+
+    // The same write without the journal: the file work alone, and the
+    // journal append alone, so the cost of durability is visible.
+    let scratch = tempfile::tempdir_in(&work_root).expect("scratch");
+    std::fs::create_dir_all(scratch.path().join(".git")).expect(".git");
+    let mut files =
+        branchd::workspace::files::Files::open(scratch.path(), settings.files).expect("files");
+    let mut plain = Vec::with_capacity(2_000);
+    for i in 0..2_000 {
+        let path =
+            branchd::workspace::paths::WorkPath::parse(&format!("written/{}.txt", i % 50), 1024)
+                .expect("path");
+        let started = Instant::now();
+        files.check_write(&path, &small, None, true).expect("check");
+        files.apply_write(&path, &small).expect("write");
+        plain.push(started.elapsed());
+    }
+    Stats(plain).row("file write without journal (no actor)");
+    let record =
+        branchd::workspace::journal::encode_write("written/x.txt", &small).expect("record");
+    timed(2_000, |_| store.append_journal(&key, &fence, &record))
+        .await
+        .row("journal append alone (1 KiB record)");
     let dir = workspace.info().await.expect("info").dir;
     timed(5, |_| {
         let dir = dir.clone();

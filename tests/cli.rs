@@ -2,125 +2,12 @@
 //! empty directory on the embedded default, driven over HTTP, stopped with
 //! SIGTERM. Also the README promise that every setting is documented.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
 
+use common::process::{Served, branchd, login};
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_branchd");
-
-/// `branchd` with no `BRANCHD_*` or `DATABASE_URL` from the test's
-/// environment, run in `dir`: what a fresh user gets.
-fn branchd(dir: &Path) -> Command {
-    let mut command = Command::new(BIN);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("BRANCHD_") || name == "DATABASE_URL" {
-            command.env_remove(name);
-        }
-    }
-    command.current_dir(dir).env("BRANCHD_LOG", "warn");
-    command
-}
-
-/// A `branchd serve` process and the lines it printed on stdout.
-struct Served {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    printed: Vec<String>,
-    base: String,
-}
-
-impl Served {
-    fn start(dir: &Path) -> Served {
-        Self::start_with(dir, &[])
-    }
-
-    /// Starts with extra environment variables.
-    fn start_with(dir: &Path, envs: &[(&str, &str)]) -> Served {
-        let mut child = branchd(dir)
-            .envs(envs.iter().copied())
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn branchd serve");
-        let stdout = child.stdout.take().expect("stdout");
-        let (send, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut printed = Vec::new();
-        let base = loop {
-            let line = lines
-                .recv_timeout(Duration::from_secs(60))
-                .expect("branchd printed its address within 60 s");
-            if let Some(addr) = line.strip_prefix("branchd: listening on ") {
-                break addr.to_string();
-            }
-            printed.push(line);
-        };
-        Served {
-            child,
-            lines,
-            printed,
-            base,
-        }
-    }
-
-    fn admin_password(&self) -> Option<String> {
-        self.printed.iter().find_map(|line| {
-            line.split_once("with password: ")
-                .map(|(_, password)| password.to_string())
-        })
-    }
-
-    /// Kills the process with SIGKILL, as a crash would, and reaps it.
-    fn kill(mut self) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-        let _ = self.child.wait();
-    }
-
-    /// Sends SIGTERM and waits for a clean exit.
-    fn terminate(mut self) {
-        let pid = i32::try_from(self.child.id()).expect("pid");
-        // SAFETY: kill(2) on our own child's pid has no memory effects.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "branchd exited with {status}");
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no exit within 20 s of SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        // Anything printed after start-up is over; drain it.
-        while self.lines.try_recv().is_ok() {}
-    }
-}
-
-async fn login(http: &reqwest::Client, base: &str, username: &str, password: &str) -> String {
-    let response = http
-        .post(format!("{base}/api/auth/login"))
-        .json(&json!({"username": username, "password": password}))
-        .send()
-        .await
-        .expect("login request");
-    assert_eq!(response.status(), 200, "login as {username}");
-    let body: Value = response.json().await.expect("json");
-    body["token"].as_str().expect("token").to_string()
-}
 
 #[tokio::test]
 async fn serve_on_a_fresh_dir_prints_the_admin_password_once_and_keeps_data() {

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod process;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
