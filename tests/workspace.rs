@@ -1144,3 +1144,185 @@ async fn the_working_dir_is_removed_when_the_actor_stops_or_is_killed(db: TestDb
     killed.actor().kill_and_wait(None).await.expect("kill");
     assert!(!dir.exists(), "removed after a kill");
 }
+
+mod journal {
+    use super::*;
+
+    on_both_backends!(
+        a_killed_workspace_replays_its_journal_to_the_same_files_and_commits,
+        a_workspace_that_lost_its_claim_cannot_write,
+    );
+
+    async fn a_killed_workspace_replays_its_journal_to_the_same_files_and_commits(db: TestDb) {
+        let fixture = Fixture::new(db).await;
+        let workspace = fixture.start().await;
+        let _a = attach(&workspace, "olga", Role::Owner).await;
+        let olga = "olga".to_string();
+        write(&workspace, "olga", "a.txt", b"first", None)
+            .await
+            .expect("write");
+        workspace
+            .op(
+                &olga,
+                Op::MakeDir {
+                    path: "empty".into(),
+                },
+            )
+            .await
+            .expect("mkdir");
+        let Reply::Committed { commit } = workspace
+            .op(
+                &olga,
+                Op::GitCommit {
+                    message: "A".into(),
+                    paths: None,
+                },
+            )
+            .await
+            .expect("commit")
+        else {
+            panic!()
+        };
+        write(&workspace, "olga", "b.txt", b"second", None)
+            .await
+            .expect("write");
+        workspace
+            .op(
+                &olga,
+                Op::RenamePath {
+                    from: "b.txt".into(),
+                    to: "c.txt".into(),
+                },
+            )
+            .await
+            .expect("rename");
+        workspace
+            .op(
+                &olga,
+                Op::DeletePath {
+                    path: "a.txt".into(),
+                    base_version: None,
+                },
+            )
+            .await
+            .expect("delete");
+        // No save: everything above lives only in the journal.
+        workspace.actor().kill_and_wait(None).await.expect("kill");
+        assert_eq!(
+            fixture
+                .store
+                .list_snapshots(&fixture.key)
+                .await
+                .expect("list")
+                .len(),
+            1
+        );
+
+        let again = fixture.start().await;
+        let _b = attach(&again, "olga", Role::Owner).await;
+        assert_eq!(
+            read(&again, "olga", "c.txt").await.expect("renamed").0,
+            b"second"
+        );
+        assert_eq!(
+            read(&again, "olga", "a.txt")
+                .await
+                .expect_err("deleted")
+                .code,
+            ErrorCode::NotFound
+        );
+        let Reply::Log { commits } = again
+            .op(&olga, Op::GitLog { limit: Some(1) })
+            .await
+            .expect("log")
+        else {
+            panic!()
+        };
+        assert_eq!(commits[0].id, commit, "replay makes the very same commit");
+        let Reply::Tree { entries } = again
+            .op(&olga, Op::ListTree { path: None })
+            .await
+            .expect("list")
+        else {
+            panic!()
+        };
+        assert!(entries.iter().any(|e| e.path == "empty"), "{entries:?}");
+
+        // A save covers the journal and trims it.
+        let Reply::Saved { saved, .. } = again.op(&olga, Op::Save).await.expect("save") else {
+            panic!()
+        };
+        assert!(saved);
+        assert!(
+            fixture
+                .store
+                .journal_after(&fixture.key, 0)
+                .await
+                .expect("journal")
+                .is_empty()
+        );
+    }
+
+    async fn a_workspace_that_lost_its_claim_cannot_write(db: TestDb) {
+        let fixture = Fixture::new(db).await;
+        let workspace = fixture.start().await;
+        let _a = attach(&workspace, "olga", Role::Owner).await;
+        write(&workspace, "olga", "mine.txt", b"before", None)
+            .await
+            .expect("write");
+        // Another node takes the workspace over (this one's lease lapsed).
+        let claim = fixture
+            .store
+            .claim_of(&fixture.key)
+            .await
+            .expect("claim")
+            .expect("row");
+        let fence = claim.fence().expect("owned");
+        assert!(
+            fixture
+                .store
+                .release_claim(&fixture.key, &fence)
+                .await
+                .expect("release")
+        );
+        fixture
+            .store
+            .register_node("other", None, None)
+            .await
+            .expect("node");
+        fixture
+            .store
+            .claim(&fixture.key, "other", 60_000)
+            .await
+            .expect("takeover");
+
+        let fenced = write(&workspace, "olga", "mine.txt", b"after", None)
+            .await
+            .expect_err("a stale owner cannot write");
+        assert_eq!(
+            fenced.code,
+            ErrorCode::Conflict,
+            "exists without base: checked first"
+        );
+        let (_, version) = read(&workspace, "olga", "mine.txt").await.expect("read");
+        let fenced = write(&workspace, "olga", "mine.txt", b"after", Some(&version))
+            .await
+            .expect_err("a stale owner cannot write");
+        assert_eq!(fenced.code, ErrorCode::Unavailable);
+        assert_eq!(
+            read(&workspace, "olga", "mine.txt").await.expect("read").0,
+            b"before",
+            "never applied"
+        );
+        assert!(
+            fixture
+                .store
+                .journal_after(&fixture.key, 0)
+                .await
+                .expect("journal")
+                .iter()
+                .all(|r| !r.op.windows(5).any(|w| w == b"after")),
+            "nothing from the stale owner in the journal"
+        );
+    }
+}
