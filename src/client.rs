@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::protocol::{Event, Op, OpError, Reply, Role, SessionId, request_frame};
+use crate::protocol::{Event, LockInfo, Op, OpError, Reply, Role, SessionId, request_frame};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<rmpv::Value, OpError>>>>>;
@@ -62,6 +62,7 @@ pub struct Welcome {
     pub branch: String,
     pub role: Role,
     pub head: String,
+    pub lock: Option<LockInfo>,
 }
 
 /// A frame the server sent that is neither an event nor a reply to a
@@ -265,6 +266,7 @@ fn read_welcome(bytes: &[u8]) -> Result<Welcome, ClientError> {
             branch,
             role,
             head,
+            lock,
         }) => Ok(Welcome {
             protocol,
             session,
@@ -274,6 +276,7 @@ fn read_welcome(bytes: &[u8]) -> Result<Welcome, ClientError> {
             branch,
             role,
             head,
+            lock,
         }),
         Ok(Event::Error { code, message }) => Err(ClientError::Op(OpError::new(code, message))),
         Ok(other) => Err(ClientError::Protocol(format!(

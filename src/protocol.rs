@@ -391,6 +391,9 @@ pub enum Event {
         role: Role,
         /// The checked-out commit.
         head: String,
+        /// Who holds the edit lock, if anyone does.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lock: Option<LockInfo>,
     },
     /// A file was written (`kind: file`, with its new version) or a
     /// directory created (`kind: dir`).

@@ -851,3 +851,25 @@ async fn the_echo_socket_sends_frames_back_to_any_logged_in_user() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_joining_a_locked_workspace_learns_the_lock_in_its_welcome() {
+    let (server, admin, project) = server_with_project(TestDb::sqlite().await).await;
+    let holder = connect(&server, &admin, project, "main").await;
+    assert_eq!(holder.welcome().lock, None);
+    holder
+        .request(Op::Lock {
+            ttl_ms: Some(30_000),
+        })
+        .await
+        .expect("lock");
+    let late = connect(&server, &admin, project, "main").await;
+    let lock = late
+        .welcome()
+        .lock
+        .clone()
+        .expect("the welcome names the lock");
+    assert_eq!(lock.holder, holder.welcome().session);
+    assert_eq!(lock.user, "admin");
+    server.stop().await;
+}

@@ -355,6 +355,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         branch: key.branch.clone(),
         role: session.role,
         head: registration.welcome.head.clone(),
+        lock: registration.welcome.lock.clone(),
     };
     if !write(&mut sink, encode(&welcome)).await {
         return;
@@ -642,6 +643,21 @@ impl Actor for ConnectionActor {
         }
         Ok(())
     }
+
+    /// The ping actor is a linked child; its end must not end the
+    /// connection by itself (the default would): the connection closes
+    /// through `Close`, with a reason.
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<ConnectionMsg>,
+        event: ractor::SupervisionEvent,
+        state: &mut ConnectionState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let ractor::SupervisionEvent::ActorFailed(_, err) = event {
+            tracing::warn!(session = %state.session.id, error = %err, "the ping actor failed");
+        }
+        Ok(())
+    }
 }
 
 impl ConnectionState {
@@ -748,7 +764,7 @@ impl Actor for PingActor {
 
     async fn handle(
         &self,
-        myself: ActorRef<PingMsg>,
+        _myself: ActorRef<PingMsg>,
         message: PingMsg,
         state: &mut PingState,
     ) -> Result<(), ActorProcessingErr> {
@@ -756,11 +772,14 @@ impl Actor for PingActor {
             PingMsg::Pong => state.unanswered = 0,
             PingMsg::Tick => {
                 if state.unanswered >= MISSED_PONGS {
-                    let _ = state.connection.cast(ConnectionMsg::Close {
-                        code: ErrorCode::Unavailable,
-                        reason: format!("no answer to {MISSED_PONGS} pings; reconnect"),
-                    });
-                    myself.stop(None);
+                    // Once: the connection closes the socket and stops us.
+                    if state.unanswered == MISSED_PONGS {
+                        let _ = state.connection.cast(ConnectionMsg::Close {
+                            code: ErrorCode::Unavailable,
+                            reason: format!("no answer to {MISSED_PONGS} pings; reconnect"),
+                        });
+                        state.unanswered += 1;
+                    }
                     return Ok(());
                 }
                 state.unanswered += 1;

@@ -9,8 +9,15 @@ use std::path::{Path, PathBuf};
 
 use crate::protocol::OpError;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkPath(String);
+
+/// Shown as the quoted path, as clients wrote it (messages use `{path:?}`).
+impl std::fmt::Debug for WorkPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
 
 impl WorkPath {
     /// The working copy's root (only for listing).
