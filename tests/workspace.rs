@@ -6,6 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::Duration;
 
 use branchd::config::Config;
 use branchd::protocol::{EntryKind, ErrorCode, Event, Op, OpError, Reply};
@@ -1151,7 +1152,42 @@ mod journal {
     on_both_backends!(
         a_killed_workspace_replays_its_journal_to_the_same_files_and_commits,
         a_workspace_that_lost_its_claim_cannot_write,
+        a_dirty_workspace_saves_itself_after_a_quiet_period,
     );
+
+    async fn a_dirty_workspace_saves_itself_after_a_quiet_period(db: TestDb) {
+        let fixture = Fixture::with(db, |config| {
+            config.autosave_quiet = Duration::from_millis(200);
+            config.autosave_max = Duration::from_secs(60);
+        })
+        .await;
+        let workspace = fixture.start().await;
+        let _a = attach(&workspace, "olga", Role::Owner).await;
+        write(&workspace, "olga", "auto.txt", b"saved by itself", None)
+            .await
+            .expect("write");
+        assert!(workspace.info().await.expect("info").dirty);
+        common::eventually("the workspace saves itself", || async {
+            !workspace.info().await.expect("info").dirty
+        })
+        .await;
+        let latest = fixture
+            .store
+            .latest_snapshot(&fixture.key)
+            .await
+            .expect("read")
+            .expect("snapshot");
+        assert_eq!(latest.meta.version, 2);
+        assert!(
+            fixture
+                .store
+                .journal_after(&fixture.key, 0)
+                .await
+                .expect("journal")
+                .is_empty(),
+            "the save trimmed the journal"
+        );
+    }
 
     async fn a_killed_workspace_replays_its_journal_to_the_same_files_and_commits(db: TestDb) {
         let fixture = Fixture::new(db).await;
