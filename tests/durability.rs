@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -180,7 +181,10 @@ async fn kill_run(db: Option<TestDb>, label: &str) {
     }
     served.terminate();
     let acknowledged = acked.lock().map(|c| *c).unwrap_or(0);
-    println!(
+    // Written to the process's stderr directly (not through the test
+    // harness's capture) so that the summary shows in every test run.
+    let _ = writeln!(
+        std::io::stderr(),
         "durability ({label}): kills {KILLS}, writes acknowledged {acknowledged}, writes verified {verified}, lost 0"
     );
     assert!(
