@@ -105,7 +105,24 @@ struct Frame {
     id: Option<u64>,
     event: Option<String>,
     ok: Option<rmpv::Value>,
-    err: Option<OpError>,
+    err: Option<rmpv::Value>,
+}
+
+/// An error reply as this client understands it. A code from a newer server
+/// that this client does not know is treated like `internal`, as the
+/// protocol asks, with the server's message kept.
+fn read_error(err: rmpv::Value) -> OpError {
+    let mut bytes = Vec::new();
+    if rmpv::encode::write_value(&mut bytes, &err).is_ok()
+        && let Ok(known) = rmp_serde::from_slice::<OpError>(&bytes)
+    {
+        return known;
+    }
+    let text = |key: &str| err[key].as_str().unwrap_or_default().to_string();
+    OpError::new(
+        crate::protocol::ErrorCode::Internal,
+        format!("{} ({})", text("message"), text("code")),
+    )
 }
 
 impl Client {
@@ -320,7 +337,7 @@ async fn read(
             continue;
         };
         let result = match (frame.ok, frame.err) {
-            (_, Some(err)) => Err(err),
+            (_, Some(err)) => Err(read_error(err)),
             (Some(ok), None) => Ok(ok),
             (None, None) => Ok(rmpv::Value::Nil),
         };
@@ -337,5 +354,33 @@ async fn read(
     // Wake every waiter: the connection is gone.
     if let Ok(mut pending) = pending.lock() {
         pending.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ErrorCode;
+
+    #[test]
+    fn unknown_error_codes_read_as_internal_and_known_ones_keep_their_details() {
+        let unknown = rmpv::Value::Map(vec![
+            ("code".into(), "rate_limited".into()),
+            ("message".into(), "slow down".into()),
+        ]);
+        let err = read_error(unknown);
+        assert_eq!(err.code, ErrorCode::Internal);
+        assert!(err.message.contains("slow down") && err.message.contains("rate_limited"));
+
+        let known = rmpv::Value::Map(vec![
+            ("code".into(), "conflict".into()),
+            ("message".into(), "stale".into()),
+            ("current_version".into(), "abc".into()),
+        ]);
+        let err = read_error(known);
+        assert_eq!(
+            (err.code, err.current_version.as_deref()),
+            (ErrorCode::Conflict, Some("abc"))
+        );
     }
 }

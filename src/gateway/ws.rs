@@ -116,6 +116,9 @@ pub async fn echo(
     if let Err(err) = authenticate(&state, &token).await {
         return err.into_response();
     }
+    if *state.draining.borrow() {
+        return ApiError::new(ErrorCode::Unavailable, "this node is shutting down").into_response();
+    }
     let Ok(upgrade) = upgrade else {
         return ApiError::bad_request("GET /ws/echo takes a WebSocket upgrade").into_response();
     };
@@ -462,7 +465,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         }
     }
     connection.stop(None);
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
 }
 
 /// Removes the session (allocator and store) however the connection ends,
