@@ -8,135 +8,15 @@
 //! `BENCH_WORKSPACE_DIR` to unpack somewhere other than the temp dir).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use branchd::config::Config;
 use branchd::protocol::{Op, Reply};
 use branchd::storage::{self, NewSnapshot, NewUser, Role, Store, WorkspaceKey};
-use branchd::workspace::repo::GitAuthor;
 use branchd::workspace::{SessionInfo, Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
 
-const FILES: usize = 2_000;
-const FILE_BYTES: usize = 10_000;
-
-/// Text-like content (so it compresses like source files do), distinct per file.
-fn generated_file(index: usize) -> Vec<u8> {
-    const WORDS: [&str; 16] = [
-        "cube",
-        "sphere",
-        "translate",
-        "rotate",
-        "let",
-        "fn",
-        "union",
-        "difference",
-        "width",
-        "height",
-        "radius",
-        "gear",
-        "tooth",
-        "shaft",
-        "bore",
-        "import",
-    ];
-    let mut state = (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut out = Vec::with_capacity(FILE_BYTES);
-    while out.len() < FILE_BYTES {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        out.extend_from_slice(WORDS[(state % 16) as usize].as_bytes());
-        out.push(if state.is_multiple_of(11) {
-            b'\n'
-        } else {
-            b' '
-        });
-    }
-    out.truncate(FILE_BYTES);
-    out
-}
-
-/// A committed repository of FILES files, packed.
-fn generated_project(scratch: &std::path::Path) -> Vec<u8> {
-    let dir = tempfile::tempdir_in(scratch).expect("dir");
-    let author = GitAuthor {
-        name: "Bench".into(),
-        email: "bench@example.com".into(),
-    };
-    branchd::workspace::repo::init_repository(dir.path(), "main", "# Bench\n", &author)
-        .expect("init");
-    for i in 0..FILES {
-        let path = dir
-            .path()
-            .join(format!("part{:02}/file{i:04}.rhai", i % 40));
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::fs::write(path, generated_file(i)).expect("write");
-    }
-    let repo = git2::Repository::open(dir.path()).expect("open");
-    let mut index = repo.index().expect("index");
-    index
-        .add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .expect("add");
-    index.write().expect("index write");
-    let tree = repo
-        .find_tree(index.write_tree().expect("tree"))
-        .expect("tree");
-    let head = repo.head().and_then(|h| h.peel_to_commit()).expect("head");
-    let signature = git2::Signature::now("Bench", "bench@example.com").expect("sig");
-    repo.commit(
-        Some("HEAD"),
-        &signature,
-        &signature,
-        "Parts",
-        &tree,
-        &[&head],
-    )
-    .expect("commit");
-    snapshot::pack(dir.path()).expect("pack")
-}
-
-struct Stats(Vec<Duration>);
-
-impl Stats {
-    fn percentile(&mut self, p: f64) -> Duration {
-        self.0.sort();
-        let rank = ((self.0.len() as f64 - 1.0) * p).round() as usize;
-        self.0[rank]
-    }
-
-    fn row(mut self, name: &str) {
-        let n = self.0.len();
-        let median = self.percentile(0.5);
-        let p99 = self.percentile(0.99);
-        println!(
-            "| {name:<38} | {n:>6} | {:>12} | {:>12} |",
-            fmt(median),
-            fmt(p99)
-        );
-    }
-}
-
-fn fmt(d: Duration) -> String {
-    let micros = d.as_secs_f64() * 1e6;
-    if micros < 1_000.0 {
-        format!("{micros:.1} µs")
-    } else {
-        format!("{:.2} ms", micros / 1_000.0)
-    }
-}
-
-async fn timed<F, T>(times: usize, mut run: impl FnMut(usize) -> F) -> Stats
-where
-    F: std::future::Future<Output = T>,
-{
-    let mut samples = Vec::with_capacity(times);
-    for i in 0..times {
-        let started = Instant::now();
-        run(i).await;
-        samples.push(started.elapsed());
-    }
-    Stats(samples)
-}
+mod common;
+use common::{FILE_BYTES, FILES, Stats, generated_project, timed};
 
 #[tokio::main]
 async fn main() {
