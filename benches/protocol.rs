@@ -14,14 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use branchd::client::Client;
-use branchd::config::Config;
 use branchd::protocol::{Op, Reply};
-use branchd::server::Server;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-const PASSWORD: &str = "bench-admin-password";
+mod common;
+
 const SECONDS: u64 = 5;
 
 fn percentile(samples: &mut [Duration], p: f64) -> Duration {
@@ -49,38 +48,8 @@ async fn echo_socket(
 
 #[tokio::main]
 async fn main() {
-    let data = tempfile::tempdir().expect("data dir");
-    let mut config = Config::from_env().expect("config");
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    config.database.data_dir = data.path().to_path_buf();
-    config.database.database_url = std::env::var("DATABASE_URL").ok();
-    config.workspace_dir = std::env::var("BENCH_WORKSPACE_DIR").ok().map(Into::into);
-    config.admin_password = Some(PASSWORD.into());
-    config.server_tag = Some(format!("bench-{}", std::process::id()));
-    let server = Server::start(config).await.expect("server");
-    let base = format!("http://{}", server.local_addr());
-    let http = reqwest::Client::new();
-    let login: serde_json::Value = http
-        .post(format!("{base}/api/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": PASSWORD}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    let token = login["token"].as_str().expect("token").to_string();
-    let project: serde_json::Value = http
-        .post(format!("{base}/api/projects"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"name": "bench"}))
-        .send()
-        .await
-        .expect("project")
-        .json()
-        .await
-        .expect("json");
-    let project = project["id"].as_i64().expect("id");
+    let (server, base, token, project, _data) =
+        common::bench_server(std::env::var("BENCH_WORKSPACE_DIR").ok().map(Into::into)).await;
 
     let client = Client::connect(&base, &token, project, "main")
         .await

@@ -18,16 +18,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use branchd::client::Client;
-use branchd::config::Config;
 use branchd::protocol::Op;
-use branchd::server::Server;
 use branchd::storage::{NewSnapshot, WorkspaceKey};
 use branchd::workspace::snapshot;
 
 mod common;
 use common::{Stats, generated_project};
-
-const PASSWORD: &str = "bench-admin-password";
 
 fn median(samples: &mut [Duration]) -> Duration {
     samples.sort();
@@ -36,43 +32,12 @@ fn median(samples: &mut [Duration]) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let data = tempfile::tempdir().expect("data dir");
     let work_root = std::env::var("BENCH_WORKSPACE_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|_| std::env::temp_dir().join("branchd-bench"));
     std::fs::create_dir_all(&work_root).expect("work root");
-    let mut config = Config::from_env().expect("config");
-    config.listen = "127.0.0.1:0".parse().expect("addr");
-    config.database.data_dir = data.path().to_path_buf();
-    config.database.database_url = std::env::var("DATABASE_URL").ok();
-    config.workspace_dir = Some(work_root.clone());
-    config.admin_password = Some(PASSWORD.into());
-    config.server_tag = Some(format!("bench-{}", std::process::id()));
-    let server = Server::start(config).await.expect("server");
+    let (server, base, token, project, _data) = common::bench_server(Some(work_root.clone())).await;
     let store = server.store().clone();
-    let base = format!("http://{}", server.local_addr());
-    let http = reqwest::Client::new();
-    let login: serde_json::Value = http
-        .post(format!("{base}/api/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": PASSWORD}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    let token = login["token"].as_str().expect("token").to_string();
-    let project: serde_json::Value = http
-        .post(format!("{base}/api/projects"))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"name": "stateless bench"}))
-        .send()
-        .await
-        .expect("project")
-        .json()
-        .await
-        .expect("json");
-    let project = project["id"].as_i64().expect("id");
     let blob = generated_project(&work_root);
     let size = blob.len();
     let fresh = |name: &str, data: Vec<u8>| {

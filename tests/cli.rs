@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::process::{Served, branchd, login};
+use common::process::{Served, branchd, create_project, login};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -176,17 +176,7 @@ async fn a_node_killed_with_sessions_attached_wipes_its_rows_when_it_restarts() 
     let http = reqwest::Client::new();
     let first = Served::start_with(dir.path(), &envs);
     let token = login(&http, &first.base, "admin", "admin-password-k").await;
-    let project: Value = http
-        .post(format!("{}/api/projects", first.base))
-        .bearer_auth(&token)
-        .json(&json!({"name": "Crashy"}))
-        .send()
-        .await
-        .expect("create")
-        .json()
-        .await
-        .expect("json");
-    let project = project["id"].as_i64().expect("id");
+    let project = create_project(&http, &first.base, &token, "Crashy").await;
     let a = Client::connect(&first.base, &token, project, "main")
         .await
         .expect("a");

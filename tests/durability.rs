@@ -14,8 +14,7 @@ use std::time::Duration;
 use branchd::client::Client;
 use branchd::protocol::{Op, Reply};
 use common::TestDb;
-use common::process::{Served, login};
-use serde_json::{Value, json};
+use common::process::{Served, create_project, login};
 
 const KILLS: usize = 20;
 const WRITERS: usize = 4;
@@ -106,17 +105,7 @@ async fn kill_run(db: Option<TestDb>, label: &str) {
     let http = reqwest::Client::new();
     let mut served = Served::start_with(dir.path(), &envs);
     let token = login(&http, &served.base, "admin", "kill-test-password").await;
-    let project: Value = http
-        .post(format!("{}/api/projects", served.base))
-        .bearer_auth(&token)
-        .json(&json!({"name": "Durable"}))
-        .send()
-        .await
-        .expect("create")
-        .json()
-        .await
-        .expect("json");
-    let project = project["id"].as_i64().expect("id");
+    let project = create_project(&http, &served.base, &token, "Durable").await;
 
     let expected: Arc<Mutex<HashMap<String, Expected>>> = Arc::default();
     let acked = Arc::new(Mutex::new(0u64));

@@ -129,3 +129,54 @@ where
     }
     Stats(samples)
 }
+
+/// A server for a benchmark: in this process, on loopback, SQLite in a temp
+/// dir (or `DATABASE_URL`), working copies in `workspace_dir`; logged in as
+/// the admin, with one new project. Returns the server, its base URL, the
+/// admin token, the project id and the data dir (keep it alive).
+pub async fn bench_server(
+    workspace_dir: Option<std::path::PathBuf>,
+) -> (
+    branchd::server::Server,
+    String,
+    String,
+    i64,
+    tempfile::TempDir,
+) {
+    const PASSWORD: &str = "bench-admin-password";
+    let data = tempfile::tempdir().expect("data dir");
+    let mut config = branchd::config::Config::from_env().expect("config");
+    config.listen = "127.0.0.1:0".parse().expect("addr");
+    config.database.data_dir = data.path().to_path_buf();
+    config.database.database_url = std::env::var("DATABASE_URL").ok();
+    config.workspace_dir = workspace_dir;
+    config.admin_password = Some(PASSWORD.into());
+    config.server_tag = Some(format!("bench-{}", std::process::id()));
+    let server = branchd::server::Server::start(config)
+        .await
+        .expect("server");
+    let base = format!("http://{}", server.local_addr());
+    let http = reqwest::Client::new();
+    let login: serde_json::Value = http
+        .post(format!("{base}/api/auth/login"))
+        .json(&serde_json::json!({"username": "admin", "password": PASSWORD}))
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    let token = login["token"].as_str().expect("token").to_string();
+    let project: serde_json::Value = http
+        .post(format!("{base}/api/projects"))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"name": "bench"}))
+        .send()
+        .await
+        .expect("project")
+        .json()
+        .await
+        .expect("json");
+    let project = project["id"].as_i64().expect("id");
+    (server, base, token, project, data)
+}

@@ -121,3 +121,18 @@ pub async fn login(http: &reqwest::Client, base: &str, username: &str, password:
     let body: Value = response.json().await.expect("json");
     body["token"].as_str().expect("token").to_string()
 }
+
+/// Creates a project over HTTP and returns its id.
+pub async fn create_project(http: &reqwest::Client, base: &str, token: &str, name: &str) -> i64 {
+    let project: Value = http
+        .post(format!("{base}/api/projects"))
+        .bearer_auth(token)
+        .json(&json!({"name": name}))
+        .send()
+        .await
+        .expect("create a project")
+        .json()
+        .await
+        .expect("json");
+    project["id"].as_i64().expect("a project id")
+}
