@@ -20,7 +20,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::protocol::{Event, LockInfo, Op, OpError, Reply, Role, SessionId, request_frame};
+pub use crate::protocol::Welcome;
+use crate::protocol::{Event, Op, OpError, Reply, request_frame};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<rmpv::Value, OpError>>>>>;
@@ -49,20 +50,6 @@ impl ClientError {
             _ => None,
         }
     }
-}
-
-/// What the server says in its first frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Welcome {
-    pub protocol: u32,
-    pub session: SessionId,
-    pub node: String,
-    pub owner: String,
-    pub project: i64,
-    pub branch: String,
-    pub role: Role,
-    pub head: String,
-    pub lock: Option<LockInfo>,
 }
 
 /// A frame the server sent that is neither an event nor a reply to a
@@ -274,27 +261,7 @@ impl Client {
 
 fn read_welcome(bytes: &[u8]) -> Result<Welcome, ClientError> {
     match rmp_serde::from_slice::<Event>(bytes) {
-        Ok(Event::Welcome {
-            protocol,
-            session,
-            node,
-            owner,
-            project,
-            branch,
-            role,
-            head,
-            lock,
-        }) => Ok(Welcome {
-            protocol,
-            session,
-            node,
-            owner,
-            project,
-            branch,
-            role,
-            head,
-            lock,
-        }),
+        Ok(Event::Welcome(welcome)) => Ok(welcome),
         Ok(Event::Error { code, message }) => Err(ClientError::Op(OpError::new(code, message))),
         Ok(other) => Err(ClientError::Protocol(format!(
             "expected welcome first, got {other:?}"

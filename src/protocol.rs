@@ -372,6 +372,25 @@ impl Role {
     }
 }
 
+/// The first frame on every connection: `{event: "welcome", ...}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u32,
+    pub session: SessionId,
+    /// The server tag of the node this socket is on.
+    pub node: String,
+    /// The server tag of the node that owns the workspace.
+    pub owner: String,
+    pub project: i64,
+    pub branch: String,
+    pub role: Role,
+    /// The checked-out commit.
+    pub head: String,
+    /// Who holds the edit lock, if anyone does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<LockInfo>,
+}
+
 /// A push from the server: `{event: "file_changed", ...}`. Workspace events
 /// go to every session of the workspace except the one that caused them
 /// (`presence`, `restarted`, expiries and releases go to all).
@@ -379,22 +398,7 @@ impl Role {
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The first frame on every connection.
-    Welcome {
-        protocol: u32,
-        session: SessionId,
-        /// The server tag of the node this socket is on.
-        node: String,
-        /// The server tag of the node that owns the workspace.
-        owner: String,
-        project: i64,
-        branch: String,
-        role: Role,
-        /// The checked-out commit.
-        head: String,
-        /// Who holds the edit lock, if anyone does.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        lock: Option<LockInfo>,
-    },
+    Welcome(Welcome),
     /// A file was written (`kind: file`, with its new version) or a
     /// directory created (`kind: dir`).
     FileChanged {
@@ -624,6 +628,31 @@ mod tests {
         assert_eq!(value["id"], rmpv::Value::from(9));
         assert_eq!(value["op"], rmpv::Value::from("read_file"));
         assert_eq!(value["path"], rmpv::Value::from("x"));
+    }
+
+    #[test]
+    fn welcome_is_one_flat_map_tagged_by_event() {
+        let welcome = Event::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            session: "s".into(),
+            node: "n".into(),
+            owner: "n".into(),
+            project: 1,
+            branch: "main".into(),
+            role: Role::Editor,
+            head: "h".into(),
+            lock: None,
+        });
+        let bytes = round_trip(&welcome);
+        let value: rmpv::Value = rmp_serde::from_slice(&bytes).expect("map");
+        assert_eq!(value["event"], rmpv::Value::from("welcome"));
+        assert_eq!(value["protocol"], rmpv::Value::from(1));
+        assert_eq!(value["role"], rmpv::Value::from("editor"));
+        assert!(
+            value
+                .as_map()
+                .is_some_and(|m| m.iter().all(|(k, _)| k.as_str() != Some("lock")))
+        );
     }
 
     #[test]

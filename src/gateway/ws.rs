@@ -47,7 +47,7 @@ use super::auth::authenticate;
 use super::error::ApiError;
 use crate::allocator::Allocator;
 use crate::protocol::{
-    ErrorCode, Event, Op, OpError, OpResult, PROTOCOL_VERSION, Role, SessionId, ok_frame,
+    ErrorCode, Event, Op, OpError, OpResult, PROTOCOL_VERSION, Role, SessionId, Welcome, ok_frame,
 };
 use crate::storage::WorkspaceKey;
 use crate::workspace::{Responder, SessionInfo, Workspace, WorkspaceMsg, needs_editor};
@@ -109,15 +109,14 @@ pub async fn echo(
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    let token = match token_of(&headers, query.ok().and_then(|Query(q)| q.access_token)) {
-        Ok(token) => token,
-        Err(err) => return err.into_response(),
-    };
-    if let Err(err) = authenticate(&state, &token).await {
+    if let Err(err) = admit(
+        &state,
+        &headers,
+        query.ok().and_then(|Query(q)| q.access_token),
+    )
+    .await
+    {
         return err.into_response();
-    }
-    if *state.draining.borrow() {
-        return ApiError::new(ErrorCode::Unavailable, "this node is shutting down").into_response();
     }
     let Ok(upgrade) = upgrade else {
         return ApiError::bad_request("GET /ws/echo takes a WebSocket upgrade").into_response();
@@ -138,6 +137,23 @@ pub async fn echo(
                 }
             }
         })
+}
+
+/// Who may open a socket: a valid token (header, else `access_token`) on a
+/// node that is not draining.
+async fn admit(
+    state: &AppState,
+    headers: &HeaderMap,
+    query_token: Option<String>,
+) -> Result<super::auth::AuthUser, ApiError> {
+    let caller = authenticate(state, &token_of(headers, query_token)?).await?;
+    if *state.draining.borrow() {
+        return Err(ApiError::new(
+            ErrorCode::Unavailable,
+            "this node is shutting down; connect again to reach another",
+        ));
+    }
+    Ok(caller)
 }
 
 /// The bearer token from the Authorization header, else from `access_token`.
@@ -171,14 +187,7 @@ async fn prepare(
     headers: &HeaderMap,
 ) -> Result<Target, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let token = token_of(headers, query.access_token.clone())?;
-    let caller = authenticate(state, &token).await?;
-    if *state.draining.borrow() {
-        return Err(ApiError::new(
-            ErrorCode::Unavailable,
-            "this node is shutting down; connect again to reach another",
-        ));
-    }
+    let caller = admit(state, headers, query.access_token.clone()).await?;
     let project: i64 = query
         .project
         .as_deref()
@@ -349,7 +358,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         key: key.clone(),
     };
     let node = state.server_tag.to_string();
-    let welcome = Event::Welcome {
+    let welcome = Event::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
         session: session.id.clone(),
         node: node.clone(),
@@ -359,7 +368,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         role: session.role,
         head: registration.welcome.head.clone(),
         lock: registration.welcome.lock.clone(),
-    };
+    });
     if !write(&mut sink, encode(&welcome)).await {
         return;
     }
