@@ -164,6 +164,46 @@ pub struct Config {
     #[arg(long, env = "BRANCHD_MAX_LOCK_TTL", default_value = "10m", value_parser = parse_duration)]
     pub max_lock_ttl: Duration,
 
+    /// Shared secret of the cluster. Setting it turns clustering on: the node
+    /// listens on the cluster port and joins every live node in the database
+    /// (which must then be Postgres). Unset: a single node.
+    #[arg(long, env = "BRANCHD_CLUSTER_COOKIE", hide_env_values = true)]
+    pub cluster_cookie: Option<String>,
+
+    /// Port of the node-to-node (ractor_cluster) listener.
+    #[arg(long, env = "BRANCHD_CLUSTER_PORT", default_value_t = 4370)]
+    pub cluster_port: u16,
+
+    /// Address the cluster listener binds to.
+    #[arg(long, env = "BRANCHD_CLUSTER_BIND", default_value = "0.0.0.0")]
+    pub cluster_bind: std::net::IpAddr,
+
+    /// Host or IP other nodes reach this node at. Default: `POD_IP` when set
+    /// (Kubernetes downward API), else the host name.
+    #[arg(long, env = "BRANCHD_ADVERTISE_HOST")]
+    pub advertise_host: Option<String>,
+
+    /// HTTP address (`host:port`) clients and peers reach this node at, shown
+    /// in the `nodes` table and the cluster view. Default: the advertised
+    /// host with the port of `BRANCHD_LISTEN`.
+    #[arg(long, env = "BRANCHD_ADVERTISE_HTTP")]
+    pub advertise_http: Option<String>,
+
+    /// A DNS name whose addresses are peers too (a Kubernetes headless
+    /// service); looked up on every membership round.
+    #[arg(long, env = "BRANCHD_CLUSTER_DNS")]
+    pub cluster_dns: Option<String>,
+
+    /// How often membership is checked: peers in the database are connected,
+    /// pinged, and dropped when stale.
+    #[arg(long, env = "BRANCHD_MEMBERSHIP_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub membership_interval: Duration,
+
+    /// How long a call to another node (attach, an op, a ping) may take before
+    /// the caller gives up and the client is told `unavailable`.
+    #[arg(long, env = "BRANCHD_PEER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub peer_timeout: Duration,
+
     /// Snapshot versions kept per branch (older ones are deleted on save).
     #[arg(long, env = "BRANCHD_SNAPSHOTS_KEPT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub snapshots_kept: u32,
@@ -188,6 +228,35 @@ impl Config {
         self.workspace_dir
             .clone()
             .unwrap_or_else(|| self.database.data_dir.join("workspaces"))
+    }
+
+    /// Whether this node joins a cluster (a cookie is set).
+    pub fn clustered(&self) -> bool {
+        self.cluster_cookie
+            .as_deref()
+            .is_some_and(|c| !c.is_empty())
+    }
+
+    /// The host other nodes reach this node at.
+    pub fn advertise_host(&self) -> String {
+        self.advertise_host
+            .clone()
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("POD_IP").ok().filter(|ip| !ip.is_empty()))
+            .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
+    }
+
+    /// This node's HTTP address as others should use it.
+    pub fn advertise_http(&self) -> String {
+        self.advertise_http
+            .clone()
+            .filter(|a| !a.is_empty())
+            .unwrap_or_else(|| format!("{}:{}", self.advertise_host(), self.listen.port()))
+    }
+
+    /// This node's cluster address as others should use it.
+    pub fn advertise_cluster(&self) -> String {
+        format!("{}:{}", self.advertise_host(), self.cluster_port)
     }
 
     /// This node's server tag: configured, or the host name.

@@ -26,6 +26,7 @@
 
 pub mod allocator;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod protocol;

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::allocator::{Allocator, AllocatorSettings};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gateway::{self, AppState, auth};
 use crate::storage::{self, Store, redact_url};
@@ -36,6 +37,7 @@ pub struct Server {
     local_addr: SocketAddr,
     store: Arc<dyn Store>,
     allocator: Allocator,
+    cluster: Cluster,
     draining: watch::Sender<bool>,
     /// The password of the `admin` user if this start created it with a
     /// generated password; shown once, never stored in clear.
@@ -72,7 +74,12 @@ impl Server {
         tracing::info!(%local_addr, server_tag = %server_tag, "listening");
 
         let mut allocator_settings = AllocatorSettings::from_config(&config);
-        allocator_settings.http_addr = Some(local_addr.to_string());
+        if config.clustered() {
+            allocator_settings.http_addr = Some(config.advertise_http());
+            allocator_settings.cluster_addr = Some(config.advertise_cluster());
+        } else {
+            allocator_settings.http_addr = Some(local_addr.to_string());
+        }
         let allocator = Allocator::start(
             store.clone(),
             WorkspaceSettings::from_config(&config),
@@ -80,6 +87,14 @@ impl Server {
         )
         .await
         .context("starting the allocator")?;
+        let cluster = match Cluster::start(&config, store.clone(), allocator.clone()).await {
+            Ok(cluster) => cluster,
+            Err(err) => {
+                allocator.drain().await;
+                allocator.stop().await;
+                return Err(err.context("joining the cluster"));
+            }
+        };
 
         let (draining, draining_seen) = watch::channel(false);
         let state = AppState {
@@ -87,6 +102,7 @@ impl Server {
             config: Arc::new(config),
             server_tag,
             allocator: allocator.clone(),
+            cluster: cluster.clone(),
             draining: draining_seen,
         };
         let (stop, stopped) = watch::channel(false);
@@ -101,6 +117,7 @@ impl Server {
             local_addr,
             store,
             allocator,
+            cluster,
             draining,
             generated_admin_password,
             stop,
@@ -132,6 +149,7 @@ impl Server {
         tokio::time::sleep(Duration::from_millis(100)).await;
         self.allocator.drain().await;
         self.allocator.stop().await;
+        self.cluster.stop().await;
         let _ = self.stop.send(true);
         self.housekeeping.abort();
         let mut http = self.http;

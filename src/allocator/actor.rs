@@ -28,6 +28,7 @@ pub(super) struct AllocatorArgs {
     pub registry: Registry,
 }
 
+#[derive(ractor_cluster::RactorMessage)]
 pub(super) enum AllocatorMsg {
     Register {
         session: SessionInfo,
@@ -65,6 +66,17 @@ pub(super) enum AllocatorMsg {
     },
     Stats {
         reply: RpcReplyPort<AllocatorStats>,
+    },
+    /// This node no longer owns these keys (its claim was taken over): stop
+    /// their actors without saving (a save would be refused by the fence)
+    /// and tell their sessions to reconnect.
+    Disown {
+        keys: Vec<WorkspaceKey>,
+    },
+    /// The keys this node runs an actor for (active or stopping), with the
+    /// epoch of the claim the actor writes under.
+    Held {
+        reply: RpcReplyPort<Vec<(WorkspaceKey, i64)>>,
     },
     /// Stop taking registers; hand over every active workspace for saving.
     Drain {
@@ -122,8 +134,8 @@ impl Entry {
     }
 
     fn tell(&self, event: &Event) {
-        for attached in self.sessions.values() {
-            let _ = attached.events.try_send(event.clone());
+        for (id, attached) in &self.sessions {
+            attached.events.send_to(id, event);
         }
     }
 }
@@ -217,6 +229,16 @@ impl Actor for AllocatorActor {
             AllocatorMsg::Drain { reply } => {
                 let _ = reply.send(state.drain());
             }
+            AllocatorMsg::Disown { keys } => state.disown(keys),
+            AllocatorMsg::Held { reply } => {
+                let held = state
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| matches!(e.phase, Phase::Active(_) | Phase::Stopping { .. }))
+                    .filter_map(|(key, e)| e.fence.as_ref().map(|f| (key.clone(), f.epoch)))
+                    .collect();
+                let _ = reply.send(held);
+            }
         }
         Ok(())
     }
@@ -281,11 +303,15 @@ async fn activation(
 
 /// Makes a key's live workspace visible to [`super::Allocator::get`] (or hides it).
 fn publish(registry: &Registry, key: &WorkspaceKey, workspace: Option<&Workspace>) {
-    if let Ok(mut map) = registry.write() {
-        match workspace {
-            Some(workspace) => map.insert(key.clone(), workspace.clone()),
-            None => map.remove(key),
-        };
+    let changed = match registry.map.write() {
+        Ok(mut map) => match workspace {
+            Some(workspace) => map.insert(key.clone(), workspace.clone()).is_none(),
+            None => map.remove(key).is_some(),
+        },
+        Err(_) => false,
+    };
+    if changed && let Some(hook) = registry.hook.get() {
+        hook(key, workspace.is_some());
     }
 }
 
@@ -706,6 +732,32 @@ impl AllocatorState {
             .collect()
     }
 
+    fn disown(&mut self, keys: Vec<WorkspaceKey>) {
+        for key in keys {
+            let Some(entry) = self.entries.remove(&key) else {
+                continue;
+            };
+            publish(&self.registry, &key, None);
+            tracing::warn!(workspace = %key, "another node took this workspace over; dropping the stale actor");
+            entry.tell(&Event::Reconnect {
+                reason: format!("workspace {key} moved to another node; connect again"),
+            });
+            for waiter in entry.waiters {
+                let _ = waiter.send(Err(unavailable(format!(
+                    "workspace {key} moved to another node; connect again"
+                ))));
+            }
+            let stale = match entry.phase {
+                Phase::Active(workspace) | Phase::Stopping { workspace, .. } => Some(workspace),
+                Phase::Activating { .. } | Phase::Failed { .. } => None,
+            };
+            if let Some(workspace) = stale {
+                self.by_actor.remove(&workspace.actor().get_id());
+                workspace.actor().stop(Some("ownership lost".into()));
+            }
+        }
+    }
+
     fn drain(&mut self) -> Vec<(WorkspaceKey, Workspace)> {
         self.draining = true;
         let mut live = Vec::new();
@@ -725,8 +777,9 @@ impl AllocatorState {
             }
             entry.generation = u64::MAX;
         }
-        if let Ok(mut map) = self.registry.write() {
-            map.clear();
+        let keys: Vec<WorkspaceKey> = self.entries.keys().cloned().collect();
+        for key in keys {
+            publish(&self.registry, &key, None);
         }
         live
     }

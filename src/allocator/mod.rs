@@ -19,7 +19,7 @@ mod actor;
 mod policy;
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use ractor::rpc::CallResult;
@@ -40,6 +40,8 @@ pub struct AllocatorSettings {
     pub server_tag: String,
     /// This node's HTTP address as others should reach it, for the `nodes` row.
     pub http_addr: Option<String>,
+    /// This node's cluster address, for the `nodes` row (clustered nodes only).
+    pub cluster_addr: Option<String>,
     pub lease: Duration,
     pub heartbeat_interval: Duration,
     pub gc_interval: Duration,
@@ -53,6 +55,7 @@ impl AllocatorSettings {
         AllocatorSettings {
             server_tag: config.server_tag(),
             http_addr: None,
+            cluster_addr: None,
             lease: config.lease,
             heartbeat_interval: config.heartbeat_interval,
             gc_interval: config.gc_interval,
@@ -66,8 +69,19 @@ impl AllocatorSettings {
     }
 }
 
-/// The shared read side of the registry: live workspaces by key.
-type Registry = Arc<RwLock<HashMap<WorkspaceKey, Workspace>>>;
+/// Told when a key gets a live actor on this node (`true`) and when it
+/// loses it (`false`); called from the allocator actor, so it must not block.
+pub type PublishHook = Arc<dyn Fn(&WorkspaceKey, bool) + Send + Sync>;
+
+/// The shared read side of the registry: live workspaces by key, and whoever
+/// wants to know when that changes (the cluster's routing).
+#[derive(Default)]
+struct RegistryInner {
+    map: RwLock<HashMap<WorkspaceKey, Workspace>>,
+    hook: OnceLock<PublishHook>,
+}
+
+type Registry = Arc<RegistryInner>;
 
 /// A registered session's view of its workspace.
 pub struct Registration {
@@ -152,9 +166,9 @@ impl Allocator {
             claims = wiped.claims,
             "removed rows this server tag left behind"
         );
-        store
-            .register_node(&tag, None, settings.http_addr.as_deref())
-            .await?;
+        announce(store.as_ref(), &settings).await?;
+        let liveness = workspaces.liveness.clone();
+        liveness.renewed();
         let registry: Registry = Arc::default();
         let settings = Arc::new(settings);
         let (actor, _) = Actor::spawn(
@@ -169,7 +183,12 @@ impl Allocator {
         )
         .await
         .map_err(|e| StoreError::Config(format!("starting the allocator: {e}")))?;
-        let heartbeat = tokio::spawn(heartbeat(store.clone(), settings.clone()));
+        let heartbeat = tokio::spawn(heartbeat(
+            store.clone(),
+            settings.clone(),
+            liveness,
+            actor.clone(),
+        ));
         Ok(Allocator {
             actor,
             registry,
@@ -200,7 +219,7 @@ impl Allocator {
         &self,
         session: SessionInfo,
         key: &WorkspaceKey,
-        events: EventSink,
+        events: impl Into<EventSink>,
     ) -> Result<Registration, OpError> {
         let row = WsSession {
             id: session.id.clone(),
@@ -209,6 +228,32 @@ impl Allocator {
             server_tag: self.settings.server_tag.clone(),
             connected_at: 0,
         };
+        self.attach(session, key, events.into(), Some(row)).await
+    }
+
+    /// Attaches a session whose socket is on another node (which recorded
+    /// its row): it counts against garbage collection here like any other.
+    pub async fn register_remote(
+        &self,
+        session: SessionInfo,
+        key: &WorkspaceKey,
+        events: EventSink,
+    ) -> Result<Registration, OpError> {
+        self.attach(session, key, events, None).await
+    }
+
+    /// Detaches a session registered with [`Allocator::register_remote`].
+    pub fn deregister_remote(&self, session: &SessionId, key: &WorkspaceKey) {
+        self.forget(session, key);
+    }
+
+    async fn attach(
+        &self,
+        session: SessionInfo,
+        key: &WorkspaceKey,
+        events: EventSink,
+        row: Option<WsSession>,
+    ) -> Result<Registration, OpError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -226,13 +271,14 @@ impl Allocator {
                 Err(err) => {
                     if attempts > 1 {
                         // The first attempt wrote the session row: remove it.
-                        self.deregister(&session.id, key).await;
+                        self.undo(&session.id, key, row.is_some()).await;
                     }
                     return Err(err);
                 }
             };
             if attempts == 1
-                && let Err(err) = self.store.attach_session(&row).await
+                && let Some(row) = &row
+                && let Err(err) = self.store.attach_session(row).await
             {
                 self.forget(&session.id, key);
                 return Err(err.into());
@@ -243,10 +289,18 @@ impl Allocator {
                 // restarted, and registering again waits for that.
                 Err(err) if attempts < 3 && err.code == ErrorCode::Unavailable => continue,
                 Err(err) => {
-                    self.deregister(&session.id, key).await;
+                    self.undo(&session.id, key, row.is_some()).await;
                     return Err(err);
                 }
             }
+        }
+    }
+
+    async fn undo(&self, session: &SessionId, key: &WorkspaceKey, row: bool) {
+        if row {
+            self.deregister(session, key).await;
+        } else {
+            self.forget(session, key);
         }
     }
 
@@ -269,9 +323,16 @@ impl Allocator {
     /// message and no database.
     pub fn get(&self, key: &WorkspaceKey) -> Option<Workspace> {
         self.registry
+            .map
             .read()
             .ok()
             .and_then(|map| map.get(key).cloned())
+    }
+
+    /// Installs the hook told about every key that gains or loses its live
+    /// actor here. Once per allocator; `false` if one was installed already.
+    pub fn on_publish(&self, hook: PublishHook) -> bool {
+        self.registry.hook.set(hook).is_ok()
     }
 
     /// Saves a workspace, then stops it (its sessions lose their events
@@ -363,6 +424,14 @@ impl Allocator {
         report
     }
 
+    /// Stops the actors of keys this node no longer owns, without saving,
+    /// and tells their sessions to reconnect.
+    pub fn disown(&self, keys: Vec<WorkspaceKey>) {
+        if !keys.is_empty() {
+            let _ = self.actor.cast(AllocatorMsg::Disown { keys });
+        }
+    }
+
     /// Stops the allocator actor (after a drain).
     pub async fn stop(&self) {
         self.heartbeat.abort();
@@ -380,22 +449,89 @@ impl Allocator {
     }
 }
 
-/// Renews this node's heartbeat until the task is aborted. A failed renewal
-/// is logged; claims lapse after the lease if renewals keep failing.
-async fn heartbeat(store: Arc<dyn Store>, settings: Arc<AllocatorSettings>) {
+async fn announce(store: &dyn Store, settings: &AllocatorSettings) -> Result<(), StoreError> {
+    store
+        .register_node(
+            &settings.server_tag,
+            settings.cluster_addr.as_deref(),
+            settings.http_addr.as_deref(),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Renews this node's heartbeat until the task is aborted, and marks every
+/// renewal in `liveness` (workspaces stop writing when renewals stop: see
+/// [`crate::workspace::Liveness`]). After each renewal it drops the actors
+/// whose claim another node has taken over (this node was cut off or frozen
+/// for longer than the lease).
+async fn heartbeat(
+    store: Arc<dyn Store>,
+    settings: Arc<AllocatorSettings>,
+    liveness: crate::workspace::Liveness,
+    allocator: ActorRef<AllocatorMsg>,
+) {
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match store.heartbeat(&settings.server_tag).await {
-            Ok(true) => {}
+        let renewed = match store.heartbeat(&settings.server_tag).await {
+            Ok(true) => true,
             Ok(false) => {
-                tracing::warn!("this node's row vanished; announcing it again");
-                let _ = store
-                    .register_node(&settings.server_tag, None, settings.http_addr.as_deref())
-                    .await;
+                tracing::warn!(
+                    "this node's row vanished (it was taken for dead); announcing it again"
+                );
+                match announce(store.as_ref(), &settings).await {
+                    Ok(()) => true,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "announcing the node failed");
+                        false
+                    }
+                }
             }
-            Err(err) => tracing::warn!(error = %err, "heartbeat failed"),
+            Err(err) => {
+                tracing::warn!(error = %err, silence_ms = liveness.silence().as_millis() as u64, "heartbeat failed");
+                false
+            }
+        };
+        if renewed {
+            liveness.renewed();
+            drop_lost_claims(store.as_ref(), &settings.server_tag, &allocator).await;
         }
+    }
+}
+
+/// Stops the actors of keys whose claim (at the actor's epoch) this node no
+/// longer holds. Reads what the node runs first, then the claims: an actor
+/// is only active after its claim was written, so a fresh one is never
+/// mistaken for a lost one.
+async fn drop_lost_claims(store: &dyn Store, server_tag: &str, allocator: &ActorRef<AllocatorMsg>) {
+    let held = match allocator
+        .call(
+            |reply| AllocatorMsg::Held { reply },
+            Some(ALLOCATOR_TIMEOUT),
+        )
+        .await
+    {
+        Ok(CallResult::Success(held)) => held,
+        _ => return,
+    };
+    if held.is_empty() {
+        return;
+    }
+    let claims = match store.claims_of_node(server_tag).await {
+        Ok(claims) => claims,
+        Err(err) => {
+            tracing::warn!(error = %err, "reading this node's claims failed");
+            return;
+        }
+    };
+    let lost: Vec<WorkspaceKey> = held
+        .into_iter()
+        .filter(|(key, epoch)| !claims.iter().any(|c| &c.key == key && c.epoch == *epoch))
+        .map(|(key, _)| key)
+        .collect();
+    if !lost.is_empty() {
+        let _ = allocator.cast(AllocatorMsg::Disown { keys: lost });
     }
 }

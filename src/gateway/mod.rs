@@ -28,6 +28,7 @@ use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
 use crate::allocator::Allocator;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::protocol::ErrorCode;
 use crate::storage::Store;
@@ -41,6 +42,8 @@ pub struct AppState {
     /// This node's server tag.
     pub server_tag: Arc<str>,
     pub allocator: Allocator,
+    /// Where sessions are attached: here, or on the node that owns the workspace.
+    pub cluster: Cluster,
     /// Turns true when shutdown begins: readiness answers 503, new sockets
     /// are refused and open ones are told to reconnect.
     pub draining: watch::Receiver<bool>,
@@ -71,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/projects/{id}/members", post(api::set_member))
         .route("/ops/api/workspaces", get(ops::workspaces))
         .route("/ops/api/workspaces/reset", post(ops::reset_workspace))
+        .route("/ops/api/cluster", get(ops::cluster))
         .route(
             "/api/projects/{id}/members/{username}",
             delete(api::remove_member),

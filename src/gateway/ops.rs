@@ -8,6 +8,7 @@ use super::auth::AuthUser;
 use super::error::ApiError;
 use super::{ApiJson, AppState};
 use crate::allocator::{AllocatorStats, WorkspaceStatus};
+use crate::cluster::ClusterView;
 use crate::storage::WorkspaceKey;
 
 #[derive(serde::Serialize)]
@@ -56,4 +57,15 @@ pub async fn reset_workspace(
     let reset = state.allocator.reset(&key).await?;
     tracing::info!(workspace = %key, reset, by = %caller.user.username, "workspace reset requested");
     Ok(Json(ResetResponse { reset }))
+}
+
+/// The cluster as this node sees it: every node row with its heartbeat age
+/// and the workspaces it owns, the peers this node is connected to, and the
+/// sockets here whose workspace is served elsewhere.
+pub async fn cluster(
+    State(state): State<AppState>,
+    caller: AuthUser,
+) -> Result<Json<ClusterView>, ApiError> {
+    caller.require_admin()?;
+    Ok(Json(state.cluster.view().await?))
 }

@@ -45,12 +45,12 @@ use tokio::sync::{Semaphore, mpsc};
 use super::AppState;
 use super::auth::authenticate;
 use super::error::ApiError;
-use crate::allocator::Allocator;
+use crate::cluster::{Cluster, Route};
 use crate::protocol::{
     ErrorCode, Event, Op, OpError, OpResult, PROTOCOL_VERSION, Role, SessionId, Welcome, ok_frame,
 };
 use crate::storage::WorkspaceKey;
-use crate::workspace::{Responder, SessionInfo, Workspace, WorkspaceMsg, needs_editor};
+use crate::workspace::{Responder, SessionInfo, needs_editor};
 
 /// Events queued between a workspace and one connection.
 const EVENT_QUEUE: usize = 1024;
@@ -340,11 +340,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
     let (mut sink, mut stream) = socket.split();
     let Target { session, key } = target;
     let (events, mut incoming_events) = mpsc::channel::<Event>(EVENT_QUEUE);
-    let registration = match state
-        .allocator
-        .register(session.clone(), &key, events)
-        .await
-    {
+    let registration = match state.cluster.register(session.clone(), &key, events).await {
         Ok(registration) => registration,
         Err(err) => {
             tracing::info!(workspace = %key, error = %err.message, "connection refused by the workspace");
@@ -353,16 +349,17 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         }
     };
     let guard = SessionGuard {
-        allocator: state.allocator.clone(),
+        cluster: state.cluster.clone(),
         session: session.id.clone(),
         key: key.clone(),
+        route: registration.route.clone(),
     };
     let node = state.server_tag.to_string();
     let welcome = Event::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
         session: session.id.clone(),
         node: node.clone(),
-        owner: state.allocator.server_tag().to_string(),
+        owner: registration.owner.clone(),
         project: key.project_id,
         branch: key.branch.clone(),
         role: session.role,
@@ -380,9 +377,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         ConnectionActor,
         ConnectionArgs {
             session,
-            key: key.clone(),
-            workspace: registration.workspace,
-            allocator: state.allocator.clone(),
+            route: registration.route,
             outbox: outbox.clone(),
             node,
             max_frame: state.config.max_frame,
@@ -480,20 +475,21 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
 /// Removes the session (allocator and store) however the connection ends,
 /// a panic of the connection actor included.
 struct SessionGuard {
-    allocator: Allocator,
+    cluster: Cluster,
     session: SessionId,
     key: WorkspaceKey,
+    route: Route,
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        let (allocator, session, key) = (
-            self.allocator.clone(),
+        let (cluster, session, route) = (
+            self.cluster.clone(),
             self.session.clone(),
-            self.key.clone(),
+            self.route.clone(),
         );
-        tracing::info!(workspace = %key, session = %session, "disconnected");
-        tokio::spawn(async move { allocator.deregister(&session, &key).await });
+        tracing::info!(workspace = %self.key, session = %session, "disconnected");
+        tokio::spawn(async move { cluster.deregister(&session, &route).await });
     }
 }
 
@@ -501,15 +497,14 @@ pub struct ConnectionActor;
 
 pub struct ConnectionArgs {
     session: SessionInfo,
-    key: WorkspaceKey,
-    workspace: Workspace,
-    allocator: Allocator,
+    route: Route,
     outbox: Outbox,
     node: String,
     max_frame: u64,
     guard: SessionGuard,
 }
 
+#[derive(ractor_cluster::RactorMessage)]
 pub enum ConnectionMsg {
     /// A frame from the client (binary or text).
     Frame(Message),
@@ -519,9 +514,7 @@ pub enum ConnectionMsg {
 
 pub struct ConnectionState {
     session: SessionInfo,
-    key: WorkspaceKey,
-    workspace: Workspace,
-    allocator: Allocator,
+    route: Route,
     outbox: Outbox,
     node: String,
     max_frame: u64,
@@ -619,9 +612,7 @@ impl Actor for ConnectionActor {
     ) -> Result<ConnectionState, ActorProcessingErr> {
         Ok(ConnectionState {
             session: args.session,
-            key: args.key,
-            workspace: args.workspace,
-            allocator: args.allocator,
+            route: args.route,
             outbox: args.outbox,
             node: args.node,
             max_frame: args.max_frame,
@@ -716,24 +707,16 @@ impl ConnectionState {
             );
             return self.answer(Some(id), err);
         };
-        // The live actor of the key (a new one after a restart).
-        if let Some(current) = self.allocator.get(&self.key) {
-            self.workspace = current;
-        }
-        // Cast in arrival order; the workspace queues its answer straight
-        // for the socket, so many requests can be in flight.
+        // Sent in arrival order; the workspace (here or on its owner node)
+        // answers straight into the socket's queue, so many requests can be
+        // in flight. Undelivered, the responder answers `unavailable` by
+        // itself.
         let outbox = self.outbox.clone();
         let reply = Responder::new(move |result| {
             let _ = outbox.send(Outgoing::Reply(id, result));
             drop(permit);
         });
-        // Undelivered (the actor is gone), the message is dropped and its
-        // responder answers `unavailable` by itself.
-        let _ = self.workspace.actor().cast(WorkspaceMsg::Op {
-            session: self.session.id.clone(),
-            op,
-            reply,
-        });
+        self.route.send(&self.session.id, op, reply);
     }
 }
 
@@ -745,6 +728,7 @@ pub struct PingArgs {
     connection: ActorRef<ConnectionMsg>,
 }
 
+#[derive(ractor_cluster::RactorMessage)]
 pub enum PingMsg {
     Tick,
     Pong,

@@ -439,4 +439,12 @@ pub trait Store: Send + Sync + 'static {
     /// Nodes whose heartbeat is younger than `lease_ms`.
     async fn live_nodes(&self, lease_ms: i64) -> StoreResult<Vec<NodeRow>>;
     async fn remove_node(&self, server_tag: &str) -> StoreResult<bool>;
+    /// Removes a node's row only if its heartbeat is at least `lease_ms`
+    /// old (by the database clock); `true` if it did. A node that renewed
+    /// in the meantime keeps its row.
+    async fn remove_node_if_stale(&self, server_tag: &str, lease_ms: i64) -> StoreResult<bool>;
+    /// Every node row with the age of its heartbeat in ms (database clock).
+    async fn nodes_with_age(&self) -> StoreResult<Vec<(NodeRow, i64)>>;
+    /// Every claim that names an owner.
+    async fn owned_claims(&self) -> StoreResult<Vec<Claim>>;
 }

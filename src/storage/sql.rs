@@ -988,6 +988,42 @@ impl Store for SqlStore {
         all(rows, node)
     }
 
+    async fn remove_node_if_stale(&self, server_tag: &str, lease_ms: i64) -> StoreResult<bool> {
+        let done = sqlx::query(
+            self.dialect
+                .sql("DELETE FROM nodes WHERE server_tag = $1 AND heartbeat_at <= {now} - $2"),
+        )
+        .bind(server_tag)
+        .bind(lease_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn nodes_with_age(&self) -> StoreResult<Vec<(NodeRow, i64)>> {
+        let rows = sqlx::query(self.dialect.sql(concat!(
+            "SELECT ",
+            node_columns!(),
+            ", {now} - heartbeat_at AS age_ms FROM nodes ORDER BY server_tag"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        all(rows, |row| {
+            Ok((node(row)?, row.try_get::<i64, _>("age_ms")?))
+        })
+    }
+
+    async fn owned_claims(&self) -> StoreResult<Vec<Claim>> {
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            claim_columns!(),
+            " FROM git_actor_sessions WHERE server_tag IS NOT NULL ORDER BY project_id, branch"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        all(rows, claim)
+    }
+
     async fn remove_node(&self, server_tag: &str) -> StoreResult<bool> {
         let done = sqlx::query("DELETE FROM nodes WHERE server_tag = $1")
             .bind(server_tag)

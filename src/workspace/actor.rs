@@ -21,10 +21,11 @@ use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SpawnErr};
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
-use tokio::sync::mpsc;
 
+use super::events::{self, EventSink};
 use super::files::{FileLimits, Files};
 use super::journal::{self, JournalOp};
+use super::liveness::Liveness;
 use super::paths::WorkPath;
 use super::repo::{self, GitAuthor};
 use super::snapshot;
@@ -52,6 +53,8 @@ pub struct WorkspaceSettings {
     pub autosave_quiet: Duration,
     /// ... and at least this often while changes keep coming.
     pub autosave_max: Duration,
+    /// Whether this node may still write (self-fencing); shared by the node.
+    pub liveness: Liveness,
 }
 
 impl WorkspaceSettings {
@@ -69,6 +72,7 @@ impl WorkspaceSettings {
             max_lock_ttl: config.max_lock_ttl,
             autosave_quiet: config.autosave_quiet,
             autosave_max: config.autosave_max,
+            liveness: Liveness::new(config.lease / 2),
         }
     }
 }
@@ -93,9 +97,6 @@ impl SessionInfo {
     }
 }
 
-/// Where a session's events go. Bounded: the actor never waits on it.
-pub type EventSink = mpsc::Sender<Event>;
-
 /// What an attaching session learns.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
@@ -118,6 +119,7 @@ pub struct WorkspaceInfo {
     pub last_activity: i64,
 }
 
+#[derive(ractor_cluster::RactorMessage)]
 pub enum WorkspaceMsg {
     /// Adds a session; its events go to `events`.
     /// Attaching again replaces the session's event sink (the allocator
@@ -170,7 +172,7 @@ impl Responder {
         Responder(Some(Box::new(deliver)))
     }
 
-    fn send(mut self, result: OpResult) {
+    pub fn send(mut self, result: OpResult) {
         if let Some(deliver) = self.0.take() {
             deliver(result);
         }
@@ -496,16 +498,8 @@ impl WorkspaceState {
     /// whose buffer is full (or gone) is detached: its connection sees the
     /// channel close and tells the client to reconnect.
     fn broadcast(&mut self, except: Option<&SessionId>, event: Event) {
-        let mut lagging = Vec::new();
-        for (id, attached) in &self.sessions {
-            if Some(id) == except {
-                continue;
-            }
-            if attached.events.try_send(event.clone()).is_err() {
-                lagging.push(id.clone());
-            }
-        }
-        for id in lagging {
+        let sinks = self.sessions.iter().map(|(id, a)| (id, &a.events));
+        for id in events::broadcast(sinks, except, &event) {
             tracing::info!(workspace = %self.key, session = %id, "detaching a session whose events cannot be delivered (gone, or not reading)");
             self.detach(&id);
         }
@@ -890,6 +884,7 @@ impl WorkspaceState {
     /// was checked and before it is applied: once this returns, the change
     /// survives any crash, and only then is it applied and acknowledged.
     async fn record(&mut self, record: Vec<u8>) -> Result<(), OpError> {
+        self.check_writable()?;
         let seq = self
             .store
             .append_journal(&self.key, &self.fence, &record)
@@ -922,10 +917,26 @@ impl WorkspaceState {
 
     /// Packs the working dir into a new snapshot version unless nothing
     /// changed since the last save. Returns the version and whether it is new.
+    /// Refuses writes while this node cannot renew its heartbeat: another
+    /// node may be about to take the workspace over.
+    fn check_writable(&self) -> Result<(), OpError> {
+        if self.settings.liveness.writable() {
+            return Ok(());
+        }
+        Err(OpError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "this node has not reached the database for {} ms and accepts no writes; reconnect",
+                self.settings.liveness.silence().as_millis()
+            ),
+        ))
+    }
+
     async fn save(&mut self, by: Option<&SessionInfo>) -> Result<(i64, bool), OpError> {
         if !self.dirty {
             return Ok((self.snapshot_version, false));
         }
+        self.check_writable()?;
         let dir = self.dir.path().to_path_buf();
         let started = Instant::now();
         let data = blocking("packing the working dir", move || {
@@ -1023,8 +1034,9 @@ impl Workspace {
     pub async fn attach(
         &self,
         session: SessionInfo,
-        events: EventSink,
+        events: impl Into<EventSink>,
     ) -> Result<Welcome, OpError> {
+        let events = events.into();
         self.ask(|reply| WorkspaceMsg::Attach {
             session,
             events,

@@ -8,16 +8,21 @@
 //! knows about sockets or HTTP.
 
 mod actor;
+pub mod events;
 pub mod files;
 pub mod journal;
+pub mod liveness;
 pub mod paths;
 pub mod repo;
 pub mod snapshot;
 
 pub use actor::{
-    CALL_TIMEOUT, EventSink, Responder, SessionInfo, Welcome, Workspace, WorkspaceActor,
-    WorkspaceArgs, WorkspaceInfo, WorkspaceMsg, WorkspaceSettings, needs_editor,
+    CALL_TIMEOUT, Responder, SessionInfo, Welcome, Workspace, WorkspaceActor, WorkspaceArgs,
+    WorkspaceInfo, WorkspaceMsg, WorkspaceSettings, needs_editor,
 };
+
+pub use events::{Audience, EventSink, RemoteRelay};
+pub use liveness::Liveness;
 
 use std::path::Path;
 
