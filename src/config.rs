@@ -246,12 +246,13 @@ impl Config {
             .unwrap_or_else(|| gethostname::gethostname().to_string_lossy().into_owned())
     }
 
-    /// This node's HTTP address as others should use it.
-    pub fn advertise_http(&self) -> String {
+    /// This node's HTTP address as others should use it, given the port the
+    /// listener got (which differs from `listen` when that names port 0).
+    pub fn advertise_http(&self, bound_port: u16) -> String {
         self.advertise_http
             .clone()
             .filter(|a| !a.is_empty())
-            .unwrap_or_else(|| format!("{}:{}", self.advertise_host(), self.listen.port()))
+            .unwrap_or_else(|| format!("{}:{}", self.advertise_host(), bound_port))
     }
 
     /// This node's cluster address as others should use it.

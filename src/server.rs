@@ -75,7 +75,7 @@ impl Server {
 
         let mut allocator_settings = AllocatorSettings::from_config(&config);
         if config.clustered() {
-            allocator_settings.http_addr = Some(config.advertise_http());
+            allocator_settings.http_addr = Some(config.advertise_http(local_addr.port()));
             allocator_settings.cluster_addr = Some(config.advertise_cluster());
         } else {
             allocator_settings.http_addr = Some(local_addr.to_string());

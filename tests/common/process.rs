@@ -80,6 +80,13 @@ impl Served {
         })
     }
 
+    /// Sends a signal (SIGSTOP, SIGCONT, ...) without waiting.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid");
+        // SAFETY: kill(2) on our own child's pid has no memory effects.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+
     /// Kills the process with SIGKILL, as a crash would, and reaps it.
     pub fn kill(mut self) {
         let pid = i32::try_from(self.child.id()).expect("pid");

@@ -1,0 +1,652 @@
+//! Many nodes, one owner per workspace: real `branchd` processes on
+//! 127.0.0.1 ports over one Postgres schema, joined with ractor_cluster.
+//! Nodes run with a short lease (2 s) and heartbeat (250 ms) so that
+//! failover happens within seconds. Postgres only: clustering needs a
+//! shared database.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use branchd::client::{Client, ClientError};
+use branchd::protocol::{ErrorCode, Event, Op, Reply};
+use common::TestDb;
+use common::process::{Served, create_project, login};
+use serde_json::Value;
+
+const COOKIE: &str = "cluster-test-cookie";
+const PASSWORD: &str = "cluster-test-password";
+const LEASE_MS: u64 = 2000;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// One node of a test cluster: its process, and what restarts it as itself.
+struct Node {
+    tag: String,
+    served: Option<Served>,
+    envs: Vec<(String, String)>,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start(db: &TestDb, tag: &str, cookie: &str) -> Node {
+        let envs = vec![
+            ("BRANCHD_DATABASE_URL".to_string(), db.url.clone()),
+            ("BRANCHD_SERVER_TAG".into(), tag.to_string()),
+            ("BRANCHD_ADMIN_PASSWORD".into(), PASSWORD.into()),
+            ("BRANCHD_CLUSTER_COOKIE".into(), cookie.to_string()),
+            ("BRANCHD_CLUSTER_PORT".into(), free_port().to_string()),
+            ("BRANCHD_CLUSTER_BIND".into(), "127.0.0.1".into()),
+            ("BRANCHD_ADVERTISE_HOST".into(), "127.0.0.1".into()),
+            ("BRANCHD_LEASE".into(), format!("{LEASE_MS}ms")),
+            ("BRANCHD_HEARTBEAT_INTERVAL".into(), "250ms".into()),
+            ("BRANCHD_MEMBERSHIP_INTERVAL".into(), "250ms".into()),
+            ("BRANCHD_PEER_TIMEOUT".into(), "3s".into()),
+            (
+                "BRANCHD_LOG".into(),
+                std::env::var("CLUSTER_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            ),
+        ];
+        let dir = tempfile::tempdir().expect("node dir");
+        let mut node = Node {
+            tag: tag.to_string(),
+            served: None,
+            envs,
+            dir,
+        };
+        node.restart();
+        node
+    }
+
+    fn restart(&mut self) {
+        let envs: Vec<(&str, &str)> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.served = Some(Served::start_with(self.dir.path(), &envs));
+    }
+
+    fn base(&self) -> String {
+        self.served.as_ref().expect("the node runs").base.clone()
+    }
+
+    fn served(&self) -> &Served {
+        self.served.as_ref().expect("the node runs")
+    }
+
+    fn kill(&mut self) {
+        if let Some(served) = self.served.take() {
+            served.kill();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(served) = &self.served {
+            // A stopped process cannot die of SIGKILL until it runs again.
+            served.signal(libc::SIGCONT);
+        }
+        self.kill();
+    }
+}
+
+async fn postgres(test: &str) -> Option<TestDb> {
+    TestDb::postgres(test).await
+}
+
+/// Starts `tags` as one cluster and returns them with an admin token.
+async fn cluster(db: &TestDb, tags: &[&str]) -> (Vec<Node>, String) {
+    let nodes: Vec<Node> = tags.iter().map(|t| Node::start(db, t, COOKIE)).collect();
+    let token = login(&reqwest::Client::new(), &nodes[0].base(), "admin", PASSWORD).await;
+    (nodes, token)
+}
+
+async fn view(node: &Node, token: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{}/ops/api/cluster", node.base()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("cluster view")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// The server tags a node has a ready session with.
+fn ready_peers(view: &Value) -> HashSet<String> {
+    view["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["ready"] == true)
+        .filter_map(|p| p["server_tag"].as_str().map(str::to_string))
+        .collect()
+}
+
+async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn full_mesh(nodes: &[Node], token: &str) {
+    for node in nodes {
+        let others: HashSet<String> = nodes
+            .iter()
+            .filter(|n| n.tag != node.tag)
+            .map(|n| n.tag.clone())
+            .collect();
+        eventually(
+            &format!("{} is connected to every other node", node.tag),
+            Duration::from_secs(20),
+            || async { others.is_subset(&ready_peers(&view(node, token).await)) },
+        )
+        .await;
+    }
+}
+
+fn write(path: &str, content: &[u8]) -> Op {
+    Op::WriteFile {
+        path: path.to_string(),
+        content: content.to_vec(),
+        base_version: None,
+        force: true,
+    }
+}
+
+async fn read(client: &Client, path: &str) -> Option<Vec<u8>> {
+    match client
+        .request(Op::ReadFile {
+            path: path.to_string(),
+        })
+        .await
+    {
+        Ok(Reply::File { content, .. }) => Some(content),
+        _ => None,
+    }
+}
+
+/// Waits for a `file_changed` of `path` (skipping presence and the like).
+async fn file_changed(client: &mut Client, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_event(left).await {
+            Some(Event::FileChanged { path: p, by, .. }) if p == path => return by.session,
+            Some(_) => continue,
+            None => panic!("no file_changed for {path} within 10 s"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_form_a_full_mesh_and_show_it() {
+    let Some(db) = postgres("three_nodes_form_a_full_mesh_and_show_it").await else {
+        return;
+    };
+    let (nodes, token) = cluster(&db, &["mesh-a", "mesh-b", "mesh-c"]).await;
+    full_mesh(&nodes, &token).await;
+    let seen = view(&nodes[1], &token).await;
+    assert_eq!(seen["node"], "mesh-b");
+    assert_eq!(seen["clustered"], true);
+    let rows = seen["nodes"].as_array().expect("nodes");
+    assert_eq!(rows.len(), 3, "{seen}");
+    for row in rows {
+        assert_eq!(row["live"], true, "{row}");
+        assert_eq!(row["connected"], true, "{row}");
+        assert!(row["heartbeat_age_ms"].as_i64().expect("age") < LEASE_MS as i64);
+        assert!(
+            row["cluster_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_two_nodes_edit_a_workspace_owned_by_a_third() {
+    let Some(db) = postgres("clients_on_two_nodes_edit_a_workspace_owned_by_a_third").await else {
+        return;
+    };
+    let (nodes, token) = cluster(&db, &["edit-a", "edit-b", "edit-c"]).await;
+    full_mesh(&nodes, &token).await;
+    let http = reqwest::Client::new();
+    let project = create_project(&http, &nodes[1].base(), &token, "Shared").await;
+
+    // The first session activates the workspace on B: B owns it.
+    let mut on_b = Client::connect(&nodes[1].base(), &token, project, "main")
+        .await
+        .expect("connect to B");
+    assert_eq!(on_b.welcome().owner, "edit-b");
+    let mut on_a = Client::connect(&nodes[0].base(), &token, project, "main")
+        .await
+        .expect("connect to A");
+    let mut on_c = Client::connect(&nodes[2].base(), &token, project, "main")
+        .await
+        .expect("connect to C");
+    assert_eq!(on_a.welcome().node, "edit-a");
+    assert_eq!(on_a.welcome().owner, "edit-b", "A routes to the owner");
+    assert_eq!(on_c.welcome().owner, "edit-b", "C routes to the owner");
+    assert_eq!(on_a.welcome().head, on_b.welcome().head);
+
+    // A writes; C and B see it; C writes back; A sees that.
+    on_a.request(write("from-a.txt", b"written on A"))
+        .await
+        .expect("A writes");
+    assert_eq!(
+        file_changed(&mut on_c, "from-a.txt").await,
+        on_a.welcome().session
+    );
+    assert_eq!(
+        file_changed(&mut on_b, "from-a.txt").await,
+        on_a.welcome().session
+    );
+    on_c.request(write("from-c.txt", b"written on C"))
+        .await
+        .expect("C writes");
+    assert_eq!(
+        file_changed(&mut on_a, "from-c.txt").await,
+        on_c.welcome().session
+    );
+    assert_eq!(
+        read(&on_a, "from-c.txt").await.as_deref(),
+        Some(&b"written on C"[..])
+    );
+    assert_eq!(
+        read(&on_c, "from-a.txt").await.as_deref(),
+        Some(&b"written on A"[..])
+    );
+    assert_eq!(
+        read(&on_b, "from-c.txt").await.as_deref(),
+        Some(&b"written on C"[..])
+    );
+
+    // Only B runs the workspace; A shows its socket routed to B.
+    let seen = view(&nodes[0], &token).await;
+    let routed = &seen["routed_out"][0];
+    assert_eq!(routed["owner"], "edit-b", "{seen}");
+    assert_eq!(routed["sessions"], 1, "{seen}");
+    let owners = seen["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter(|n| !n["workspaces"].as_array().expect("list").is_empty())
+        .map(|n| n["server_tag"].as_str().unwrap_or_default().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(owners, vec!["edit-b".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_registers_across_three_nodes_leave_exactly_one_owner() {
+    let Some(db) =
+        postgres("concurrent_registers_across_three_nodes_leave_exactly_one_owner").await
+    else {
+        return;
+    };
+    let (nodes, token) = cluster(&db, &["race-a", "race-b", "race-c"]).await;
+    full_mesh(&nodes, &token).await;
+    let project = create_project(&reqwest::Client::new(), &nodes[0].base(), &token, "Race").await;
+    let bases: Vec<String> = nodes.iter().map(Node::base).collect();
+    let connects = (0..100).map(|i| {
+        let (base, token) = (bases[i % 3].clone(), token.clone());
+        tokio::spawn(async move {
+            // A client that lands mid-takeover is told to retry.
+            for _ in 0..20 {
+                match Client::connect(&base, &token, project, "main").await {
+                    Ok(client) => return Some(client),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            None
+        })
+    });
+    let mut clients = Vec::new();
+    for connect in connects.collect::<Vec<_>>() {
+        clients.push(connect.await.expect("task").expect("every client gets in"));
+    }
+    let owners: HashSet<String> = clients.iter().map(|c| c.welcome().owner.clone()).collect();
+    assert_eq!(owners.len(), 1, "one owner for everyone: {owners:?}");
+    let owner = owners.into_iter().next().expect("owner");
+    // The database agrees, and every node agrees.
+    for node in &nodes {
+        let seen = view(node, &token).await;
+        for row in seen["nodes"].as_array().expect("nodes") {
+            let holds = !row["workspaces"].as_array().expect("list").is_empty();
+            assert_eq!(holds, row["server_tag"] == owner.as_str(), "{seen}");
+        }
+    }
+    // Every client can work through the one owner.
+    let last = clients.last().expect("a client");
+    last.request(write("raced.txt", b"one owner"))
+        .await
+        .expect("a write lands");
+    assert_eq!(
+        read(&clients[0], "raced.txt").await.as_deref(),
+        Some(&b"one owner"[..])
+    );
+}
+
+/// What the writers of the failover test share.
+struct Writers {
+    bases: Vec<String>,
+    token: String,
+    project: i64,
+    /// Every acknowledged write: path → content.
+    acked: Mutex<BTreeMap<String, Vec<u8>>>,
+    /// When the first write was acknowledged through an owner other than
+    /// `old_owner`.
+    first_after: Mutex<Option<Instant>>,
+    old_owner: String,
+    stop: std::sync::atomic::AtomicBool,
+}
+
+impl Writers {
+    fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn acked(&self) -> BTreeMap<String, Vec<u8>> {
+        self.acked.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    fn first_after(&self) -> Option<Instant> {
+        self.first_after.lock().ok().and_then(|f| *f)
+    }
+}
+
+/// Writes numbered files until told to stop, recording what was
+/// acknowledged. On any failure it reconnects (to the nodes in turn) and
+/// goes on.
+async fn steady_writer(shared: Arc<Writers>, id: usize) {
+    let mut n = 0usize;
+    let mut turn = id;
+    while !shared.stopped() {
+        let base = &shared.bases[turn % shared.bases.len()];
+        turn += 1;
+        let Ok(client) = Client::connect(base, &shared.token, shared.project, "main").await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        while !shared.stopped() {
+            let path = format!("w{id}/{n:05}.txt");
+            let body = format!("writer {id} write {n}").into_bytes();
+            match client.request(write(&path, &body)).await {
+                Ok(Reply::Written { .. }) => {
+                    if client.welcome().owner != shared.old_owner
+                        && let Ok(mut first) = shared.first_after.lock()
+                        && first.is_none()
+                    {
+                        *first = Some(Instant::now());
+                    }
+                    if let Ok(mut map) = shared.acked.lock() {
+                        map.insert(path, body);
+                    }
+                    n += 1;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_owner_moves_the_workspace_and_loses_no_acknowledged_write() {
+    let Some(db) =
+        postgres("killing_the_owner_moves_the_workspace_and_loses_no_acknowledged_write").await
+    else {
+        return;
+    };
+    let (mut nodes, token) = cluster(&db, &["kill-a", "kill-b", "kill-c"]).await;
+    full_mesh(&nodes, &token).await;
+    let project = create_project(
+        &reqwest::Client::new(),
+        &nodes[1].base(),
+        &token,
+        "Failover",
+    )
+    .await;
+    let on_b = Client::connect(&nodes[1].base(), &token, project, "main")
+        .await
+        .expect("B activates the workspace");
+    assert_eq!(on_b.welcome().owner, "kill-b");
+
+    // Writers on A and C, through the owner B.
+    let shared = Arc::new(Writers {
+        bases: vec![nodes[0].base(), nodes[2].base()],
+        token: token.clone(),
+        project,
+        acked: Mutex::default(),
+        first_after: Mutex::default(),
+        old_owner: "kill-b".into(),
+        stop: false.into(),
+    });
+    let writers: Vec<_> = (0..4)
+        .map(|id| tokio::spawn(steady_writer(shared.clone(), id)))
+        .collect();
+    eventually("writes flow through B", Duration::from_secs(10), || async {
+        shared.acked().len() >= 40
+    })
+    .await;
+    drop(on_b);
+
+    nodes[1].kill();
+    let kill_time = Instant::now();
+    let before = shared.acked().len();
+    eventually(
+        "writes land on a new owner",
+        Duration::from_secs(30),
+        || async { shared.first_after().is_some() },
+    )
+    .await;
+    let recovered = shared
+        .first_after()
+        .map(|f| f.duration_since(kill_time))
+        .expect("a write after the kill");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shared
+        .stop
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        let _ = writer.await;
+    }
+
+    // Every acknowledged write is there, wherever the workspace is now.
+    let reader = Client::connect(&nodes[0].base(), &token, project, "main")
+        .await
+        .expect("the workspace is served again");
+    assert_ne!(reader.welcome().owner, "kill-b");
+    let expected = shared.acked();
+    for (path, body) in &expected {
+        assert_eq!(
+            read(&reader, path).await.as_deref(),
+            Some(body.as_slice()),
+            "acknowledged write {path} is present"
+        );
+    }
+    // Written past the test harness's capture, so every run shows it.
+    let _ = writeln!(
+        std::io::stderr(),
+        "cluster failover: lease {LEASE_MS} ms, writes acknowledged {} ({} before the kill), lost 0, kill to first write on the new owner ({}) {} ms",
+        expected.len(),
+        before,
+        reader.welcome().owner,
+        recovered.as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_owner_is_replaced_and_its_writes_are_refused_when_it_wakes() {
+    let Some(db) =
+        postgres("a_frozen_owner_is_replaced_and_its_writes_are_refused_when_it_wakes").await
+    else {
+        return;
+    };
+    let (nodes, token) = cluster(&db, &["frozen-a", "frozen-b"]).await;
+    full_mesh(&nodes, &token).await;
+    let project = create_project(&reqwest::Client::new(), &nodes[1].base(), &token, "Frozen").await;
+    let mut stale = Client::connect(&nodes[1].base(), &token, project, "main")
+        .await
+        .expect("B owns the workspace");
+    assert_eq!(stale.welcome().owner, "frozen-b");
+    stale
+        .request(write("before.txt", b"before the freeze"))
+        .await
+        .expect("B writes while it owns");
+
+    nodes[1].served().signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(LEASE_MS + 1000)).await;
+    // A takes over once B's lease has run out.
+    let mut fresh = None;
+    for _ in 0..100 {
+        if let Ok(client) = Client::connect(&nodes[0].base(), &token, project, "main").await {
+            fresh = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let fresh = fresh.expect("A serves the workspace while B is frozen");
+    assert_eq!(fresh.welcome().owner, "frozen-a");
+    assert_eq!(
+        read(&fresh, "before.txt").await.as_deref(),
+        Some(&b"before the freeze"[..])
+    );
+    fresh
+        .request(write("after.txt", b"A's version"))
+        .await
+        .expect("A writes as the new owner");
+
+    nodes[1].served().signal(libc::SIGCONT);
+    // The woken owner refuses its stale session's write, and drops it.
+    let refused = stale
+        .request(write("after.txt", b"B's stale version"))
+        .await;
+    match &refused {
+        Err(ClientError::Op(err)) => assert_eq!(err.code, ErrorCode::Unavailable, "{err:?}"),
+        Err(_) => {} // the socket was closed: the stale actor is gone
+        Ok(reply) => panic!("a stale owner accepted a write: {reply:?}"),
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "frozen owner: its stale write got {refused:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dropped = match stale.next_event(Duration::from_millis(200)).await {
+            Some(Event::Reconnect { .. }) => true,
+            Some(_) => false,
+            None => stale.request(Op::GitStatus).await.is_err(),
+        };
+        if dropped {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B did not drop its stale session within 10 s"
+        );
+    }
+    assert_eq!(
+        read(&fresh, "after.txt").await.as_deref(),
+        Some(&b"A's version"[..])
+    );
+    let seen = view(&nodes[0], &token).await;
+    let b_row = seen["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .find(|n| n["server_tag"] == "frozen-b")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        b_row["workspaces"].as_array().is_none_or(|w| w.is_empty()),
+        "B owns nothing after waking: {seen}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_the_wrong_cookie_never_joins() {
+    let Some(db) = postgres("a_node_with_the_wrong_cookie_never_joins").await else {
+        return;
+    };
+    let (nodes, token) = cluster(&db, &["cookie-a", "cookie-b"]).await;
+    full_mesh(&nodes, &token).await;
+    let intruder = Node::start(&db, "cookie-x", "not-the-cookie");
+    // Long enough for several membership rounds and dial attempts.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for node in &nodes {
+        let seen = view(node, &token).await;
+        assert!(!ready_peers(&seen).contains("cookie-x"), "{seen}");
+        let row = seen["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .find(|n| n["server_tag"] == "cookie-x")
+            .cloned()
+            .expect("the intruder has a row (it shares the database)");
+        assert_eq!(row["connected"], false, "{row}");
+    }
+    let seen = view(&intruder, &token).await;
+    assert!(
+        ready_peers(&seen).is_empty(),
+        "the intruder has no peer: {seen}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_with_its_tag_wipes_its_old_rows() {
+    let Some(db) = postgres("a_node_restarted_with_its_tag_wipes_its_old_rows").await else {
+        return;
+    };
+    let (mut nodes, token) = cluster(&db, &["wipe-a", "wipe-b"]).await;
+    full_mesh(&nodes, &token).await;
+    let project = create_project(&reqwest::Client::new(), &nodes[1].base(), &token, "Wipe").await;
+    let client = Client::connect(&nodes[1].base(), &token, project, "main")
+        .await
+        .expect("B owns the workspace");
+    client
+        .request(write("kept.txt", b"journalled"))
+        .await
+        .expect("a write");
+    let store = db.open().await;
+    let key = branchd::storage::WorkspaceKey::new(project, "main");
+    assert_eq!(store.sessions_of(&key).await.expect("sessions").len(), 1);
+
+    nodes[1].kill();
+    drop(client);
+    nodes[1].restart();
+    // Right at start, before any lease could run out: its own rows are gone.
+    let claim = store
+        .claim_of(&key)
+        .await
+        .expect("claim")
+        .expect("row kept");
+    assert_eq!(
+        claim.server_tag, None,
+        "the restarted node released its claim"
+    );
+    assert!(store.sessions_of(&key).await.expect("sessions").is_empty());
+    full_mesh(&nodes, &token).await;
+    let again = Client::connect(&nodes[0].base(), &token, project, "main")
+        .await
+        .expect("served again");
+    assert_eq!(
+        read(&again, "kept.txt").await.as_deref(),
+        Some(&b"journalled"[..])
+    );
+}
