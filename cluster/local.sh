@@ -38,6 +38,12 @@ start() {
         (cd "$here" && cargo build --release --locked)
         bin="$here/target/release/branchd"
     fi
+    for pidfile in "$RUN_DIR"/node-*.pid; do
+        if [[ -e "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+            echo "nodes from $RUN_DIR are still running; run '$0 stop' first" >&2
+            exit 1
+        fi
+    done
     ensure_database
     mkdir -p "$RUN_DIR"
     for i in $(seq 1 "$count"); do

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -31,6 +32,15 @@ const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How often expired login tokens are deleted.
 const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Sends small frames at once. Without it, a reply written right after an
+/// event on the same socket waits for the client's delayed ACK (40 ms on
+/// Linux): Nagle's algorithm.
+fn no_delay(stream: &mut tokio::net::TcpStream) {
+    if let Err(err) = stream.set_nodelay(true) {
+        tracing::debug!(error = %err, "setting TCP_NODELAY on a connection failed");
+    }
+}
 
 /// A running branchd node.
 pub struct Server {
@@ -108,7 +118,7 @@ impl Server {
         let (stop, stopped) = watch::channel(false);
         let mut on_stop = stopped.clone();
         let http = tokio::spawn(
-            axum::serve(listener, gateway::router(state))
+            axum::serve(listener.tap_io(no_delay), gateway::router(state))
                 .with_graceful_shutdown(async move { gateway::until_set(&mut on_stop).await })
                 .into_future(),
         );

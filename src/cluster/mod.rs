@@ -124,7 +124,7 @@ impl Route {
                 router,
                 key,
                 timeout,
-                ..
+                owner,
             } => {
                 let request = OpRequest {
                     key: key.clone(),
@@ -140,13 +140,21 @@ impl Route {
                 {
                     return;
                 }
-                let timeout = *timeout;
+                let (timeout, owner) = (*timeout, owner.clone());
                 tokio::spawn(async move {
-                    if let Ok(Ok(bytes)) = tokio::time::timeout(timeout, answer).await {
-                        reply.send(
-                            wire::decode::<OpReply>(&bytes, "op reply").and_then(|result| result),
-                        );
-                    }
+                    let result = match tokio::time::timeout(timeout, answer).await {
+                        Ok(Ok(bytes)) => {
+                            wire::decode::<OpReply>(&bytes, "op reply").and_then(|result| result)
+                        }
+                        Ok(Err(_)) => Err(unavailable(format!(
+                            "node {owner}, which serves this workspace, went away; reconnect"
+                        ))),
+                        Err(_) => Err(unavailable(format!(
+                            "node {owner}, which serves this workspace, did not answer within {} ms; reconnect",
+                            timeout.as_millis()
+                        ))),
+                    };
+                    reply.send(result);
                 });
             }
         }
