@@ -650,3 +650,66 @@ async fn a_node_restarted_with_its_tag_wipes_its_old_rows() {
         Some(&b"journalled"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_cluster_script_starts_a_mesh_shows_it_and_stops_it() {
+    let Some(db) = postgres("the_local_cluster_script_starts_a_mesh_shows_it_and_stops_it").await
+    else {
+        return;
+    };
+    let run_dir = tempfile::tempdir().expect("run dir");
+    // Two nodes need HTTP_BASE+1..2 and CLUSTER_BASE+1..2: pick bases whose
+    // ports are free now.
+    let base = |from: u16| {
+        (from..from + 2000)
+            .step_by(10)
+            .find(|b| (1..=2).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()))
+            .expect("free ports")
+    };
+    let (http_base, cluster_base) = (base(21000), base(24000));
+    let script = |command: &str| {
+        let mut run = std::process::Command::new("bash");
+        for (name, _) in std::env::vars() {
+            if name.starts_with("BRANCHD_") {
+                run.env_remove(name);
+            }
+        }
+        run.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster/local.sh"))
+            .args(command.split(' '))
+            .env("BRANCHD_BIN", env!("CARGO_BIN_EXE_branchd"))
+            .env("RUN_DIR", run_dir.path())
+            .env("DATABASE_URL", &db.url)
+            .env("HTTP_BASE", http_base.to_string())
+            .env("CLUSTER_BASE", cluster_base.to_string())
+            .env("BRANCHD_LOG", "error")
+            .output()
+            .expect("run cluster/local.sh")
+    };
+    let started = script("start 2");
+    assert!(started.status.success(), "{started:?}");
+    let mut mesh = false;
+    // `status` fails until node-1 answers; then it prints one view per node.
+    for _ in 0..150 {
+        let status = script("status");
+        let text = String::from_utf8_lossy(&status.stdout).to_string();
+        let views: Vec<Value> = text
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect();
+        if views.len() == 2 && views.iter().all(|v| ready_peers(v).len() == 1) {
+            mesh = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(mesh, "the two nodes joined each other, as `status` shows");
+    let stopped = script("stop");
+    assert!(stopped.status.success(), "{stopped:?}");
+    for i in 1..=2 {
+        let addr = format!("127.0.0.1:{}", http_base + i);
+        assert!(
+            std::net::TcpStream::connect(&addr).is_err(),
+            "node-{i} stopped listening"
+        );
+    }
+}
