@@ -193,10 +193,8 @@ async fn main() {
         }
     }
 
-    let mut owner_reads = common::Stats(on_owner);
-    let mut other_reads = common::Stats(via_other);
-    let mut owner_writes = common::Stats(w_owner);
-    let mut other_writes = common::Stats(w_other);
+    let (mut owner_reads, mut other_reads) = (common::Stats(on_owner), common::Stats(via_other));
+    let (mut owner_writes, mut other_writes) = (common::Stats(w_owner), common::Stats(w_other));
     let read_ratio =
         other_reads.percentile(0.5).as_secs_f64() / owner_reads.percentile(0.5).as_secs_f64();
     let write_ratio =
@@ -206,12 +204,16 @@ async fn main() {
         "2 nodes, Postgres, 1 KiB", "n", "median", "p99"
     );
     println!("|{}|", "-".repeat(78));
-    owner_reads.row("read_file on the owner");
-    other_reads.row("read_file via the other node");
-    owner_writes.row("write_file on the owner");
-    other_writes.row("write_file via the other node");
+    let mut report = common::Report::new("cluster");
+    report.timing("read_file on the owner", owner_reads);
+    report.timing("read_file via the other node", other_reads);
+    report.timing("write_file on the owner", owner_writes);
+    report.timing("write_file via the other node", other_writes);
     println!("read via other / on owner (p50): {read_ratio:.2}x");
     println!("write via other / on owner (p50): {write_ratio:.2}x");
+    report.ratio("cross-node read / owner read (p50)", read_ratio, None);
+    report.ratio("cross-node write / owner write (p50)", write_ratio, None);
+    report.write();
 
     drop(direct);
     drop(routed);

@@ -122,6 +122,25 @@ async fn main() {
         micros(read_p50) / micros(echo_p50),
         micros(read_p99) / micros(echo_p99)
     );
+    let mut report = common::Report::new("protocol");
+    for (scenario, p50, p99, n) in [
+        ("echo 1 KiB, one socket", echo_p50, echo_p99, echo_rtt.len()),
+        (
+            "read_file 1 KiB, one socket",
+            read_p50,
+            read_p99,
+            read_rtt.len(),
+        ),
+    ] {
+        report.value(&format!("{scenario}, n"), n as f64, "samples");
+        report.value(&format!("{scenario}, median"), micros(p50), "µs");
+        report.value(&format!("{scenario}, p99"), micros(p99), "µs");
+    }
+    report.ratio(
+        "read / echo (p50)",
+        micros(read_p50) / micros(echo_p50),
+        Some(("<=", 1.3)),
+    );
 
     // Throughput: 100 connections over 20 branches.
     for b in 1..20 {
@@ -252,5 +271,15 @@ async fn main() {
     );
     println!("| echo 1 KiB | {echo_rate:.0} | | |");
     println!("| ratio ops / echo | {:.2} | | |", rate / echo_rate);
+    report.value("mixed 80/20, 100 connections", rate, "ops/s");
+    report.value("mixed 80/20, median", micros(p50), "µs");
+    report.value("mixed 80/20, p99", micros(p99), "µs");
+    report.value("echo, 100 connections", echo_rate, "ops/s");
+    report.ratio(
+        "mixed ops / echo throughput",
+        rate / echo_rate,
+        Some((">=", 0.6)),
+    );
+    report.write();
     server.shutdown().await.expect("shutdown");
 }

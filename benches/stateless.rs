@@ -184,15 +184,28 @@ async fn main() {
     let read_ratio = ratio(&mut stateless_reads, &mut actor_reads);
     let write_ratio = ratio(&mut stateless_writes, &mut actor_writes);
     let cold_ratio = ratio(&mut cold, &mut tar);
-    Stats(actor_reads).row("read_file 1 KiB, live actor (WS)");
-    Stats(stateless_reads).row("read, stateless (fetch + unpack)");
-    Stats(actor_writes).row("write_file 1 KiB, live actor (WS)");
-    Stats(stateless_writes).row("write, stateless (+ pack + store)");
-    Stats(cold).row("cold activation (connect to welcome)");
-    Stats(tar).row("fetch + system tar -xzf");
+    let mut report = common::Report::new("stateless");
+    report.timing("read_file 1 KiB, live actor (WS)", Stats(actor_reads));
+    report.timing("read, stateless (fetch + unpack)", Stats(stateless_reads));
+    report.timing("write_file 1 KiB, live actor (WS)", Stats(actor_writes));
+    report.timing("write, stateless (+ pack + store)", Stats(stateless_writes));
+    report.timing("cold activation (connect to welcome)", Stats(cold));
+    report.timing("fetch + system tar -xzf", Stats(tar));
     println!();
     println!("ratio stateless / actor, reads:  {read_ratio:.0}x");
     println!("ratio stateless / actor, writes: {write_ratio:.0}x");
     println!("ratio cold activation / (fetch + tar): {cold_ratio:.2}x");
+    report.ratio("stateless / actor, reads", read_ratio, Some((">=", 1000.0)));
+    report.ratio(
+        "stateless / actor, writes",
+        write_ratio,
+        Some((">=", 100.0)),
+    );
+    report.ratio(
+        "cold activation / (fetch + tar)",
+        cold_ratio,
+        Some(("<=", 1.3)),
+    );
+    report.write();
     server.shutdown().await.expect("shutdown");
 }

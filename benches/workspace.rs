@@ -85,6 +85,7 @@ async fn main() {
         "scenario", "n", "median", "p99"
     );
     println!("|{:-<40}|{:->8}|{:->14}|{:->14}|", "", "", "", "");
+    let mut report = common::Report::new("workspace");
 
     let (mut activating, mut stopping) = (Vec::new(), Vec::new());
     for _ in 0..10 {
@@ -95,8 +96,8 @@ async fn main() {
         workspace.stop().await;
         stopping.push(started.elapsed());
     }
-    Stats(activating).row("activation (fetch + unpack + open)");
-    Stats(stopping).row("stop (remove the working dir)");
+    Stats(activating).row_in(&mut report, "activation (fetch + unpack + open)");
+    Stats(stopping).row_in(&mut report, "stop (remove the working dir)");
 
     let (workspace, _) = Workspace::start(args()).await.expect("activate");
     let (events, _keep) = tokio::sync::mpsc::channel(1024);
@@ -131,10 +132,10 @@ async fn main() {
 
     timed(1, |_| workspace.op(&me, Op::ListTree { path: None }))
         .await
-        .row("list_tree, 2,000 files (cold versions)");
+        .row_in(&mut report, "list_tree, 2,000 files (cold versions)");
     timed(20, |_| workspace.op(&me, Op::ListTree { path: None }))
         .await
-        .row("list_tree, 2,000 files (warm)");
+        .row_in(&mut report, "list_tree, 2,000 files (warm)");
     timed(10_000, |_| {
         workspace.op(
             &me,
@@ -144,7 +145,7 @@ async fn main() {
         )
     })
     .await
-    .row("read_file 1 KiB");
+    .row_in(&mut report, "read_file 1 KiB");
     timed(2_000, |i| {
         workspace.op(
             &me,
@@ -157,7 +158,7 @@ async fn main() {
         )
     })
     .await
-    .row("write_file 1 KiB (journalled)");
+    .row_in(&mut report, "write_file 1 KiB (journalled)");
 
     // The same write without the journal: the file work alone, and the
     // journal append alone, so the cost of durability is visible.
@@ -175,19 +176,19 @@ async fn main() {
         files.apply_write(&path, &small).expect("write");
         plain.push(started.elapsed());
     }
-    Stats(plain).row("file write without journal (no actor)");
+    Stats(plain).row_in(&mut report, "file write without journal (no actor)");
     let record =
         branchd::workspace::journal::encode_write("written/x.txt", &small).expect("record");
     timed(2_000, |_| store.append_journal(&key, &fence, &record))
         .await
-        .row("journal append alone (1 KiB record)");
+        .row_in(&mut report, "journal append alone (1 KiB record)");
     let dir = workspace.info().await.expect("info").dir;
     timed(5, |_| {
         let dir = dir.clone();
         async move { tokio::task::spawn_blocking(move || snapshot::pack(&dir)).await }
     })
     .await
-    .row("pack only (tar + gzip)");
+    .row_in(&mut report, "pack only (tar + gzip)");
     timed(5, |i| {
         let workspace = workspace.clone();
         let me = me.clone();
@@ -212,7 +213,8 @@ async fn main() {
         }
     })
     .await
-    .row("save (pack + store)");
+    .row_in(&mut report, "save (pack + store)");
+    report.write();
     workspace.stop().await;
     store.delete_project(project.id).await.expect("clean up");
 }

@@ -108,6 +108,13 @@ impl Stats {
     }
 }
 
+impl Stats {
+    /// Prints the row and records it in `report`.
+    pub fn row_in(self, report: &mut Report, name: &str) {
+        report.timing(name, self);
+    }
+}
+
 pub fn fmt(d: Duration) -> String {
     let micros = d.as_secs_f64() * 1e6;
     if micros < 1_000.0 {
@@ -179,4 +186,70 @@ pub async fn bench_server(
         .expect("json");
     let project = project["id"].as_i64().expect("id");
     (server, base, token, project, data)
+}
+
+/// One benchmark's results as JSON, for `benches/run.sh`, which runs every
+/// benchmark and merges these files into one table and one JSON file. The
+/// file goes to `$BENCH_RESULTS_DIR/<bench>.json` (nothing is written when
+/// the variable is unset, so a plain `cargo bench` stays as it was).
+pub struct Report {
+    bench: &'static str,
+    entries: Vec<serde_json::Value>,
+}
+
+impl Report {
+    pub fn new(bench: &'static str) -> Report {
+        Report {
+            bench,
+            entries: Vec::new(),
+        }
+    }
+
+    /// A timed scenario: prints its table row and records it.
+    pub fn timing(&mut self, scenario: &str, mut stats: Stats) {
+        let n = stats.0.len();
+        let (median, p99) = (stats.percentile(0.5), stats.percentile(0.99));
+        stats.row(scenario);
+        self.entries.push(serde_json::json!({
+            "kind": "timing",
+            "scenario": scenario,
+            "n": n,
+            "median_us": median.as_secs_f64() * 1e6,
+            "p99_us": p99.as_secs_f64() * 1e6,
+        }));
+    }
+
+    /// A measured value with its unit (ops/s, KiB, ...).
+    pub fn value(&mut self, name: &str, value: f64, unit: &str) {
+        self.entries.push(serde_json::json!({
+            "kind": "value", "name": name, "value": value, "unit": unit,
+        }));
+    }
+
+    /// A ratio, and the target it must meet (`("<=", 1.3)` or `(">=", 100.0)`).
+    pub fn ratio(&mut self, name: &str, value: f64, target: Option<(&str, f64)>) {
+        let met = target.map(|(op, bound)| match op {
+            "<=" => value <= bound,
+            _ => value >= bound,
+        });
+        self.entries.push(serde_json::json!({
+            "kind": "ratio",
+            "name": name,
+            "value": value,
+            "target": target.map(|(op, bound)| format!("{op} {bound}")),
+            "met": met,
+        }));
+    }
+
+    /// Writes the JSON file when `BENCH_RESULTS_DIR` is set.
+    pub fn write(self) {
+        let Ok(dir) = std::env::var("BENCH_RESULTS_DIR") else {
+            return;
+        };
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).expect("create the results dir");
+        let body = serde_json::json!({ "bench": self.bench, "results": self.entries });
+        let text = serde_json::to_string_pretty(&body).expect("json");
+        std::fs::write(dir.join(format!("{}.json", self.bench)), text).expect("write results");
+    }
 }

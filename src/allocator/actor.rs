@@ -73,8 +73,8 @@ pub(super) enum AllocatorMsg {
     Disown {
         keys: Vec<WorkspaceKey>,
     },
-    /// The keys this node runs an actor for (active or stopping), with the
-    /// epoch of the claim the actor writes under.
+    /// The keys this node has an active actor for, with the epoch of the
+    /// claim the actor writes under.
     Held {
         reply: RpcReplyPort<Vec<(WorkspaceKey, i64)>>,
     },
@@ -234,7 +234,9 @@ impl Actor for AllocatorActor {
                 let held = state
                     .entries
                     .iter()
-                    .filter(|(_, e)| matches!(e.phase, Phase::Active(_) | Phase::Stopping { .. }))
+                    // Not stopping ones: they release their claim on the
+                    // way out, and are not serving anyone any more.
+                    .filter(|(_, e)| matches!(e.phase, Phase::Active(_)))
                     .filter_map(|(key, e)| e.fence.as_ref().map(|f| (key.clone(), f.epoch)))
                     .collect();
                 let _ = reply.send(held);
