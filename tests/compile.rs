@@ -422,9 +422,58 @@ async fn a_long_compile_does_not_stall_the_workspace() {
     server.stop().await;
 }
 
+/// A tree at the depth limit travels to the client and to other sessions;
+/// one level more is a `limit` diagnostic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shape_at_the_depth_limit_travels_and_one_level_more_is_refused() {
+    let server = TestServer::start(TestDb::sqlite().await).await;
+    let admin = server.admin_token().await;
+    let (_, project) = server
+        .post("/api/projects", &admin, json!({"name": "Deep"}))
+        .await;
+    let project = project["id"].as_i64().expect("id");
+    let client = connect(&server, &admin, project).await;
+    let mut other = connect(&server, &admin, project).await;
+    let depth = branchd::config::Config::from_env()
+        .expect("config")
+        .compile_max_shape_depth;
+    let deep = |levels: u32| {
+        format!(
+            "let s = cube(1, 1, 1);\nfor i in 0..{levels} {{\n  s = translate(s, 1, 0, 0);\n}}\ns\n"
+        )
+    };
+    write(&client, "deep.rhai", &deep(depth - 1)).await;
+    let compiled = compile(&client, "deep.rhai").await;
+    assert!(compiled.ok, "{:?}", compiled.diagnostics);
+    let bbox = compiled.output.expect("output").bbox.expect("bbox");
+    assert_eq!(bbox.max[0], f64::from(depth));
+    assert!(matches!(
+        compiled_event(&mut other).await,
+        Event::Compiled { ok: true, .. }
+    ));
+
+    write(&client, "deeper.rhai", &deep(depth)).await;
+    let compiled = compile(&client, "deeper.rhai").await;
+    let [diagnostic] = &compiled.diagnostics[..] else {
+        panic!("{:?}", compiled.diagnostics)
+    };
+    assert_eq!(
+        (diagnostic.kind, diagnostic.line),
+        (DiagnosticKind::Limit, 3)
+    );
+    assert!(
+        diagnostic
+            .message
+            .contains("BRANCHD_COMPILE_MAX_SHAPE_DEPTH"),
+        "{diagnostic:?}"
+    );
+    server.stop().await;
+}
+
 async fn imports_outside_the_project_are_refused_and_bad_entries_are_errors(db: TestDb) {
     let (server, admin, project) = server(db).await;
     let client = connect(&server, &admin, project).await;
+    write(&client, "parts/x.rhai", "cube(1, 1, 1)\n").await;
     write(
         &client,
         "evil.rhai",
@@ -452,6 +501,7 @@ async fn imports_outside_the_project_are_refused_and_bad_entries_are_errors(db: 
         ("../../etc/passwd", ErrorCode::BadRequest),
         (".git/config", ErrorCode::BadRequest),
         ("", ErrorCode::BadRequest),
+        ("parts", ErrorCode::BadRequest),
         ("missing.rhai", ErrorCode::NotFound),
     ] {
         let result = client

@@ -316,15 +316,10 @@ impl CompileCache {
             self.loaded = true;
             self.load();
         }
-        match read_source(&self.root, entry, u64::MAX) {
-            Err(ReadError::Missing) => {
-                return Err(OpError::not_found(format!("{entry:?} does not exist")));
-            }
-            Err(ReadError::NotAFile) => {
-                return Err(OpError::bad_request(format!("{entry:?} is not a file")));
-            }
-            Err(ReadError::Refused(message)) => return Err(OpError::bad_request(message)),
-            _ => {}
+        match std::fs::symlink_metadata(entry.resolve(&self.root)?) {
+            Ok(meta) if meta.is_file() => {}
+            Ok(_) => return Err(OpError::bad_request(format!("{entry:?} is not a file"))),
+            Err(_) => return Err(OpError::not_found(format!("{entry:?} does not exist"))),
         }
         let mut run = Run {
             budget: &budget,
@@ -513,6 +508,10 @@ impl CompileCache {
         run.sources.insert(path.to_string(), source.clone());
         if self.files.get(path).is_some_and(|f| f.hash == hash) {
             return Some(hash);
+        }
+        if let Err(late) = check_deadline(path, run.budget) {
+            run.diagnostics.push(late);
+            return None;
         }
         let parsed = self.parse(path, &source, run)?;
         self.files.insert(
