@@ -706,6 +706,43 @@ mod tests {
     }
 
     #[test]
+    fn a_compile_reply_is_its_documented_map() {
+        let reply = Reply::Compiled {
+            ok: true,
+            diagnostics: vec![],
+            output: Some(CompileOutput {
+                tree: Shape::Sphere { radius: 1.0 },
+                bbox: Shape::Sphere { radius: 1.0 }.bounding_box(),
+            }),
+            stats: CompileStats {
+                files_total: 3,
+                files_compiled: 1,
+                files_cached: 2,
+                millis: 4,
+            },
+        };
+        let value: rmpv::Value =
+            rmp_serde::from_slice(&reply.to_wire().expect("to wire")).expect("map");
+        assert_eq!(value["ok"], rmpv::Value::from(true));
+        assert_eq!(value["output"]["tree"]["kind"], rmpv::Value::from("sphere"));
+        assert_eq!(value["output"]["bbox"]["min"][0], rmpv::Value::from(-1.0));
+        assert_eq!(value["stats"]["files_cached"], rmpv::Value::from(2));
+        assert_eq!(Reply::from_wire("compile", &value).expect("back"), reply);
+
+        let failed = Diagnostic {
+            file: "a.rhai".into(),
+            line: 2,
+            column: 5,
+            message: "oops".into(),
+            kind: DiagnosticKind::Syntax,
+        };
+        let bytes = rmp_serde::to_vec_named(&failed).expect("encode");
+        let value: rmpv::Value = rmp_serde::from_slice(&bytes).expect("map");
+        assert_eq!(value["kind"], rmpv::Value::from("syntax"));
+        assert_eq!(value["line"], rmpv::Value::from(2));
+    }
+
+    #[test]
     fn welcome_is_one_flat_map_tagged_by_event() {
         let welcome = Event::Welcome(Welcome {
             protocol: PROTOCOL_VERSION,
