@@ -6,8 +6,8 @@
 //!
 //! The project is a binary tree of imports: `main.rhai` imports module 0,
 //! module i imports modules 2i+1 and 2i+2, so a leaf has about nine
-//! importers above it. Leaves compute a little (a loop) and export a
-//! primitive; inner modules combine their two children's parts.
+//! importers above it. Leaves build a small gear (a hub and twelve teeth
+//! in a loop); inner modules combine their two children's parts.
 //!
 //! Run: `cargo bench --bench compile` (SQLite in a temp dir; set
 //! `DATABASE_URL=postgres://...` to use Postgres for the protocol rows).
@@ -41,8 +41,9 @@ fn module_source(i: usize, variant: usize) -> String {
     let (left, right) = (2 * i + 1, 2 * i + 2);
     if left >= MODULES {
         let size = 1 + (i + variant) % 7;
+        // A gear: a hub and twelve teeth made in a loop.
         return format!(
-            "let r = 0.0;\nfor k in 0..50 {{ r += k * 0.001; }}\nexport const size = {size};\nexport const part = translate(cube(size, size + r, 2), {i}, 0, 0);\n"
+            "export const size = {size};\nlet teeth = [cylinder(size, 2)];\nfor k in 0..12 {{\n  teeth.push(rotate(translate(cube(1, 0.5, 2), size, 0, 0), 0, 0, k * 30));\n}}\nexport const part = translate(union_all(teeth), {i}, 0, 0);\n"
         );
     }
     let mut source = format!("import \"{}\" as a;\n", spec(left));
