@@ -207,6 +207,60 @@ pub struct Config {
     /// Snapshot versions kept per branch (older ones are deleted on save).
     #[arg(long, env = "BRANCHD_SNAPSHOTS_KEPT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     pub snapshots_kept: u32,
+
+    /// Most compiles running at once on this node (0: one per CPU core).
+    /// Further compiles wait for a free slot.
+    #[arg(long, env = "BRANCHD_COMPILE_CONCURRENCY", default_value_t = 0)]
+    pub compile_concurrency: usize,
+
+    /// Longest wall time of one compile (all its files).
+    #[arg(long, env = "BRANCHD_COMPILE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub compile_timeout: Duration,
+
+    /// Most script operations per file evaluated.
+    #[arg(
+        long,
+        env = "BRANCHD_COMPILE_MAX_OPERATIONS",
+        default_value_t = 10_000_000
+    )]
+    pub compile_max_operations: u64,
+
+    /// Deepest nesting of function calls in a script.
+    #[arg(long, env = "BRANCHD_COMPILE_MAX_CALL_DEPTH", default_value_t = 64)]
+    pub compile_max_call_depth: usize,
+
+    /// Deepest nesting of expressions a script may be written with.
+    #[arg(long, env = "BRANCHD_COMPILE_MAX_EXPR_DEPTH", default_value_t = 64)]
+    pub compile_max_expr_depth: usize,
+
+    /// Longest string a script may build.
+    #[arg(long, env = "BRANCHD_COMPILE_MAX_STRING", default_value = "1MiB", value_parser = parse_size)]
+    pub compile_max_string: u64,
+
+    /// Most elements of an array a script may build (nested arrays count
+    /// all their elements).
+    #[arg(long, env = "BRANCHD_COMPILE_MAX_ARRAY", default_value_t = 10_000)]
+    pub compile_max_array: usize,
+
+    /// Most entries of an object map a script may build.
+    #[arg(long, env = "BRANCHD_COMPILE_MAX_MAP", default_value_t = 10_000)]
+    pub compile_max_map: usize,
+
+    /// Most files one compile may reach (the entry and all it imports).
+    #[arg(long, env = "BRANCHD_COMPILE_MAX_MODULES", default_value_t = 1_000)]
+    pub compile_max_modules: usize,
+
+    /// Most nodes of one shape tree.
+    #[arg(
+        long,
+        env = "BRANCHD_COMPILE_MAX_SHAPE_NODES",
+        default_value_t = 100_000
+    )]
+    pub compile_max_shape_nodes: u64,
+
+    /// Most levels of one shape tree.
+    #[arg(long, env = "BRANCHD_COMPILE_MAX_SHAPE_DEPTH", default_value_t = 256)]
+    pub compile_max_shape_depth: u32,
 }
 
 impl Config {

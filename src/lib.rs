@@ -9,6 +9,9 @@
 //! - [`allocator`]: this node's supervisor of workspace actors: registry,
 //!   reference counts, restarts, garbage collection, drain.
 //! - [`client`]: a Rust client of the WebSocket protocol (tests, benches).
+//! - [`compile`]: incremental compilation: the import graph, content
+//!   hashes and cached compiler state of a workspace, the pluggable
+//!   [`compile::Compiler`] and the default Rhai CAD compiler.
 //! - [`config`]: every knob, from flags and `BRANCHD_*` environment variables.
 //! - [`storage`]: the [`storage::Store`] trait and its SQLite/Postgres
 //!   implementation; the only code that speaks SQL.
@@ -27,6 +30,7 @@
 pub mod allocator;
 pub mod client;
 pub mod cluster;
+pub mod compile;
 pub mod config;
 pub mod gateway;
 pub mod protocol;

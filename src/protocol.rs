@@ -7,6 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::compile::shape::{Aabb, Shape};
+
 /// The closed set of error codes a client can receive, over HTTP (with the
 /// status in [`ErrorCode::http_status`]) and over WebSocket alike.
 /// `docs/protocol.md` documents each; new codes are only ever added.
@@ -228,8 +230,8 @@ pub struct Doer {
 }
 
 /// A successful op's result. Each variant's fields are the `ok` map of the
-/// reply on the wire.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// reply on the wire. (`PartialEq` only: compile output holds floats.)
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reply {
     Tree {
@@ -279,6 +281,68 @@ pub enum Reply {
         head: String,
         snapshot_version: i64,
     },
+    /// A compile ran. `ok` is false when it produced diagnostics (then
+    /// `output` is absent): a failed compile is still a successful op.
+    Compiled {
+        ok: bool,
+        diagnostics: Vec<Diagnostic>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<CompileOutput>,
+        stats: CompileStats,
+    },
+}
+
+/// What kind of problem a [`Diagnostic`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiagnosticKind {
+    /// The file does not parse.
+    Syntax,
+    /// An import names a file that is missing, outside the project, or not
+    /// a source file.
+    Import,
+    /// Files import each other in a circle.
+    Cycle,
+    /// The script failed while running (a type error, a missing variable,
+    /// a bad argument to a built-in, an entry that returns no shape).
+    Runtime,
+    /// The compile hit one of the node's limits (operations, call depth,
+    /// sizes, modules, shape size, wall time).
+    Limit,
+}
+
+/// One problem found by a compile, at a place in a file. `line` and
+/// `column` count from 1; 0 means the problem is not tied to a place
+/// (the file as a whole).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: u32,
+    pub column: u32,
+    pub message: String,
+    pub kind: DiagnosticKind,
+}
+
+/// The result of a successful compile: the entry point's CSG tree and its
+/// axis-aligned bounding box (absent when the shape is certainly empty).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompileOutput {
+    pub tree: Shape,
+    #[serde(default)]
+    pub bbox: Option<Aabb>,
+}
+
+/// How much work a compile did. `files_total` counts the entry and every
+/// file it imports, directly or not; each was either compiled again
+/// (parsed or evaluated: `files_compiled`) or served from the cache
+/// (`files_cached`). `millis` is the time the compile ran, not counting any
+/// wait for a free compile slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompileStats {
+    pub files_total: u32,
+    pub files_compiled: u32,
+    pub files_cached: u32,
+    pub millis: u64,
 }
 
 /// A failed op: a code from the closed set, a message saying what to fix,
@@ -394,7 +458,7 @@ pub struct Welcome {
 /// A push from the server: `{event: "file_changed", ...}`. Workspace events
 /// go to every session of the workspace except the one that caused them
 /// (`presence`, `restarted`, expiries and releases go to all).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     /// The first frame on every connection.
@@ -446,6 +510,16 @@ pub enum Event {
         head: String,
         by: Doer,
     },
+    /// Another session compiled `entry`: the same fields as its reply.
+    Compiled {
+        entry: String,
+        ok: bool,
+        diagnostics: Vec<Diagnostic>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        output: Option<CompileOutput>,
+        stats: CompileStats,
+        by: Doer,
+    },
     /// Who is in the workspace now; sent to everyone on every join and leave.
     Presence {
         sessions: Vec<Doer>,
@@ -495,6 +569,7 @@ impl Reply {
             "git_log" => "log",
             "git_branches" => "branches",
             "git_create_branch" => "branch_created",
+            "compile" => "compiled",
             _ => return None,
         })
     }
@@ -628,6 +703,43 @@ mod tests {
         assert_eq!(value["id"], rmpv::Value::from(9));
         assert_eq!(value["op"], rmpv::Value::from("read_file"));
         assert_eq!(value["path"], rmpv::Value::from("x"));
+    }
+
+    #[test]
+    fn a_compile_reply_is_its_documented_map() {
+        let reply = Reply::Compiled {
+            ok: true,
+            diagnostics: vec![],
+            output: Some(CompileOutput {
+                tree: Shape::Sphere { radius: 1.0 },
+                bbox: Shape::Sphere { radius: 1.0 }.bounding_box(),
+            }),
+            stats: CompileStats {
+                files_total: 3,
+                files_compiled: 1,
+                files_cached: 2,
+                millis: 4,
+            },
+        };
+        let value: rmpv::Value =
+            rmp_serde::from_slice(&reply.to_wire().expect("to wire")).expect("map");
+        assert_eq!(value["ok"], rmpv::Value::from(true));
+        assert_eq!(value["output"]["tree"]["kind"], rmpv::Value::from("sphere"));
+        assert_eq!(value["output"]["bbox"]["min"][0], rmpv::Value::from(-1.0));
+        assert_eq!(value["stats"]["files_cached"], rmpv::Value::from(2));
+        assert_eq!(Reply::from_wire("compile", &value).expect("back"), reply);
+
+        let failed = Diagnostic {
+            file: "a.rhai".into(),
+            line: 2,
+            column: 5,
+            message: "oops".into(),
+            kind: DiagnosticKind::Syntax,
+        };
+        let bytes = rmp_serde::to_vec_named(&failed).expect("encode");
+        let value: rmpv::Value = rmp_serde::from_slice(&bytes).expect("map");
+        assert_eq!(value["kind"], rmpv::Value::from("syntax"));
+        assert_eq!(value["line"], rmpv::Value::from(2));
     }
 
     #[test]

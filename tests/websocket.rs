@@ -197,7 +197,7 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
                 })
                 .await
         ),
-        ErrorCode::Unsupported
+        ErrorCode::NotFound
     );
     let Reply::Status {
         branch, changes, ..

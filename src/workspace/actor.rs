@@ -29,6 +29,7 @@ use super::liveness::Liveness;
 use super::paths::WorkPath;
 use super::repo::{self, GitAuthor};
 use super::snapshot;
+use crate::compile::{CompileCache, CompileSettings, Compiled};
 use crate::config::Config;
 use crate::protocol::{
     Doer, EntryKind, ErrorCode, Event, LockInfo, Op, OpError, OpResult, Reply, SessionId,
@@ -55,6 +56,9 @@ pub struct WorkspaceSettings {
     pub autosave_max: Duration,
     /// Whether this node may still write (self-fencing); shared by the node.
     pub liveness: Liveness,
+    /// The compiler, its limits and the node's compile slots (shared by
+    /// every workspace made from these settings).
+    pub compile: CompileSettings,
 }
 
 impl WorkspaceSettings {
@@ -73,6 +77,7 @@ impl WorkspaceSettings {
             autosave_quiet: config.autosave_quiet,
             autosave_max: config.autosave_max,
             liveness: Liveness::new(config.lease / 2),
+            compile: CompileSettings::from_config(config),
         }
     }
 }
@@ -153,6 +158,13 @@ pub enum WorkspaceMsg {
     },
     /// Time to check whether unsaved changes are due for saving.
     AutosaveTick,
+    /// A compile that `by` asked for finished (its reply is already
+    /// sent): tell the other sessions.
+    Compiled {
+        entry: String,
+        compiled: Compiled,
+        by: Doer,
+    },
     /// Makes the actor panic, to test what survives one. Exists only in
     /// test builds; no client message can produce it.
     #[cfg(any(test, feature = "fault-injection"))]
@@ -234,6 +246,9 @@ pub struct WorkspaceState {
     dirty: bool,
     snapshot_version: i64,
     last_activity: i64,
+    /// The compiler's state for this working copy, used by one compile
+    /// at a time, off the actor (see [`CompileSettings::run`]).
+    compile_cache: Arc<tokio::sync::Mutex<CompileCache>>,
     /// Declared last: dropped after everything that uses the directory.
     dir: TempDir,
 }
@@ -307,6 +322,11 @@ impl Actor for WorkspaceActor {
                 }
             }
             WorkspaceMsg::Detach { session } => state.detach(&session),
+            WorkspaceMsg::Op {
+                session,
+                op: Op::Compile { entry },
+                reply,
+            } => state.compile(&myself, &session, &entry, reply),
             WorkspaceMsg::Op { session, op, reply } => {
                 let result = state.op(&myself, &session, op).await;
                 reply.send(result);
@@ -319,6 +339,21 @@ impl Actor for WorkspaceActor {
             }
             WorkspaceMsg::LockExpired { generation } => state.expire_lock(Some(generation)),
             WorkspaceMsg::AutosaveTick => state.autosave().await,
+            WorkspaceMsg::Compiled {
+                entry,
+                compiled,
+                by,
+            } => state.broadcast(
+                Some(&by.session.clone()),
+                Event::Compiled {
+                    entry,
+                    ok: compiled.ok,
+                    diagnostics: compiled.diagnostics,
+                    output: compiled.output,
+                    stats: compiled.stats,
+                    by,
+                },
+            ),
             #[cfg(any(test, feature = "fault-injection"))]
             WorkspaceMsg::Panic => panic!("test-requested panic"),
         }
@@ -388,7 +423,13 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
     .await?;
     tracing::info!(workspace = %key, snapshot_version = version, replayed, elapsed_ms = started.elapsed().as_millis() as u64, "workspace activated");
     let replayed_at = (replayed > 0).then(Instant::now);
+    let compile_cache = CompileCache::new(
+        dir.path(),
+        &settings.root,
+        settings.compile.compiler.clone(),
+    );
     Ok(WorkspaceState {
+        compile_cache: Arc::new(tokio::sync::Mutex::new(compile_cache)),
         key,
         store,
         settings,
@@ -538,14 +579,9 @@ impl WorkspaceState {
         }
     }
 
-    async fn op(
-        &mut self,
-        myself: &ActorRef<WorkspaceMsg>,
-        session: &SessionId,
-        op: Op,
-    ) -> OpResult {
-        let who = self
-            .sessions
+    /// The attached session `session`, or `unavailable`.
+    fn attached(&self, session: &SessionId) -> Result<SessionInfo, OpError> {
+        self.sessions
             .get(session)
             .map(|a| a.info.clone())
             .ok_or_else(|| {
@@ -553,7 +589,61 @@ impl WorkspaceState {
                     ErrorCode::Unavailable,
                     "this session is no longer attached to the workspace; reconnect",
                 )
-            })?;
+            })
+    }
+
+    /// Starts a compile of `entry` and returns at once: the compile runs
+    /// off the actor (so the workspace keeps serving meanwhile), answers
+    /// `reply` itself, and then sends [`WorkspaceMsg::Compiled`] so the
+    /// other sessions hear of it. Viewers may compile: it changes no file
+    /// (its cache lives in `.git/branchd/`, which clients cannot name).
+    fn compile(
+        &mut self,
+        myself: &ActorRef<WorkspaceMsg>,
+        session: &SessionId,
+        entry: &str,
+        reply: Responder,
+    ) {
+        let who = match self.attached(session) {
+            Ok(who) => who,
+            Err(err) => return reply.send(Err(err)),
+        };
+        self.last_activity = now_ms();
+        let entry = match self.path(entry) {
+            Ok(entry) => entry,
+            Err(err) => return reply.send(Err(err)),
+        };
+        let settings = self.settings.compile.clone();
+        let cache = self.compile_cache.clone();
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let result = settings.run(cache, entry.clone()).await;
+            match result {
+                Ok(compiled) => {
+                    reply.send(Ok(Reply::Compiled {
+                        ok: compiled.ok,
+                        diagnostics: compiled.diagnostics.clone(),
+                        output: compiled.output.clone(),
+                        stats: compiled.stats,
+                    }));
+                    let _ = myself.cast(WorkspaceMsg::Compiled {
+                        entry: entry.to_string(),
+                        compiled,
+                        by: who.doer(),
+                    });
+                }
+                Err(err) => reply.send(Err(err)),
+            }
+        });
+    }
+
+    async fn op(
+        &mut self,
+        myself: &ActorRef<WorkspaceMsg>,
+        session: &SessionId,
+        op: Op,
+    ) -> OpResult {
+        let who = self.attached(session)?;
         if needs_editor(&op) && who.role < Role::Editor {
             return Err(OpError::forbidden(format!(
                 "{} needs the editor role; you are {}",
@@ -705,9 +795,10 @@ impl WorkspaceState {
                     saved,
                 })
             }
-            Op::Compile { .. } => Err(OpError::new(
-                ErrorCode::Unsupported,
-                "compile is not available on this server yet",
+            // Answered by `compile`, which does not wait for the result.
+            Op::Compile { .. } => Err(OpError::internal(
+                "compiling",
+                "a compile reached the waiting op path",
             )),
             Op::GitStatus => {
                 let dir = self.dir.path().to_path_buf();

@@ -154,6 +154,7 @@ pub struct TestServer {
     pub server: Option<Server>,
     pub base: String,
     pub http: reqwest::Client,
+    config: Config,
     _data: tempfile::TempDir,
     _db: TestDb,
 }
@@ -174,15 +175,30 @@ impl TestServer {
         config.server_tag = Some("test-node".into());
         config.admin_password = Some(ADMIN_PASSWORD.into());
         adjust(&mut config);
-        let server = Server::start(config).await.expect("server starts");
+        let server = Server::start(config.clone()).await.expect("server starts");
         let base = format!("http://{}", server.local_addr());
         TestServer {
             server: Some(server),
             base,
             http: reqwest::Client::new(),
+            config,
             _data: data,
             _db: db,
         }
+    }
+
+    /// Shuts the server down (saving and stopping every workspace) and
+    /// starts a new one on the same database and data dir (a new port).
+    pub async fn restart(mut self) -> TestServer {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await.expect("clean shutdown");
+        }
+        let server = Server::start(self.config.clone())
+            .await
+            .expect("server restarts");
+        self.base = format!("http://{}", server.local_addr());
+        self.server = Some(server);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
