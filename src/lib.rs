@@ -9,6 +9,9 @@
 //! - [`allocator`]: this node's supervisor of workspace actors: registry,
 //!   reference counts, restarts, garbage collection, drain.
 //! - [`client`]: a Rust client of the WebSocket protocol (tests, benches).
+//! - [`cluster`]: many nodes over one database: membership (the `nodes`
+//!   table, ractor_cluster sessions in a full mesh), routing a session to
+//!   the node that owns its workspace, and relaying events back.
 //! - [`compile`]: incremental compilation: the import graph, content
 //!   hashes and cached compiler state of a workspace, the pluggable
 //!   [`compile::Compiler`] and the default Rhai CAD compiler.
@@ -19,7 +22,8 @@
 //!   the file, git and snapshot code under it.
 //! - [`gateway`]: the HTTP side (axum): authentication, the projects API,
 //!   health checks, and the error type that maps to HTTP.
-//! - [`protocol`]: wire types shared by every boundary (error codes today).
+//! - [`protocol`]: wire types shared by every boundary: error codes, ops,
+//!   replies and events.
 //! - [`server`]: wires the parts together for `branchd serve` and runs them
 //!   until a shutdown signal.
 //!
