@@ -489,6 +489,19 @@ async fn a_snapshot_trims_the_journal_entries_it_covers(db: TestDb) {
         .map(|e| e.seq)
         .collect();
     assert_eq!(after, &seqs[3..]);
+
+    // A save that finishes late and covers less of the journal than the
+    // newest snapshot is refused: it would bring back trimmed records' gap.
+    let late = store
+        .put_snapshot(&key, snapshot(b"with a only", seqs[0], 10), Some(&f))
+        .await;
+    assert!(matches!(late, Err(StoreError::Conflict(_))), "{late:?}");
+    let latest = store
+        .latest_snapshot(&key)
+        .await
+        .expect("read")
+        .expect("one");
+    assert_eq!(latest.data, b"with a,b");
 }
 
 async fn a_claim_is_held_while_the_owner_heartbeats_and_taken_over_after_its_lease(db: TestDb) {

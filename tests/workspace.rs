@@ -29,6 +29,7 @@ on_both_backends!(
     save_then_reactivation_restores_uncommitted_edits_byte_for_byte,
     every_bad_path_is_refused,
     the_working_dir_is_removed_when_the_actor_stops_or_is_killed,
+    reads_and_writes_are_served_while_a_save_runs,
 );
 
 struct Fixture {
@@ -1361,4 +1362,91 @@ mod journal {
             "nothing from the stale owner in the journal"
         );
     }
+}
+
+async fn reads_and_writes_are_served_while_a_save_runs(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _a = attach(&workspace, "olga", Role::Owner).await;
+    let olga = "olga".to_string();
+    // Enough content that packing takes a while (incompressible bytes).
+    let mut noise = Vec::with_capacity(4 << 20);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while noise.len() < 4 << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    write(&workspace, "olga", "big.bin", &noise, None)
+        .await
+        .expect("big file");
+    write(&workspace, "olga", "small.txt", b"before", None)
+        .await
+        .expect("small file");
+
+    let saving = {
+        let (workspace, olga) = (workspace.clone(), olga.clone());
+        tokio::spawn(async move {
+            let reply = workspace.op(&olga, Op::Save).await;
+            (reply, std::time::Instant::now())
+        })
+    };
+    // Give the save message a head start into the mailbox.
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    let read = workspace
+        .op(
+            &olga,
+            Op::ReadFile {
+                path: "small.txt".into(),
+            },
+        )
+        .await
+        .expect("a read during the save");
+    let read_done = std::time::Instant::now();
+    let Reply::File { content, .. } = read else {
+        panic!("expected a file, got {read:?}");
+    };
+    assert_eq!(content, b"before");
+    let written = write(
+        &workspace,
+        "olga",
+        "during.txt",
+        b"written while saving",
+        None,
+    )
+    .await;
+    let write_done = std::time::Instant::now();
+    written.expect("a write during the save");
+
+    let (saved, save_done) = saving.await.expect("save task");
+    assert!(
+        matches!(saved, Ok(Reply::Saved { saved: true, .. })),
+        "{saved:?}"
+    );
+    assert!(
+        read_done < save_done,
+        "the read was answered before the save"
+    );
+    assert!(
+        write_done < save_done,
+        "the write was answered before the save"
+    );
+
+    // The write that came in during the save is not in that snapshot, so
+    // the workspace is still unsaved, and the next save has it.
+    let info = workspace.info().await.expect("info");
+    assert!(
+        info.dirty,
+        "a change made during the save keeps the workspace dirty"
+    );
+    let copy = saved_copy(&fixture, &workspace, &fixture.key).await;
+    assert_eq!(
+        std::fs::read(copy.path().join("during.txt")).expect("in the next save"),
+        b"written while saving"
+    );
+    assert_eq!(
+        std::fs::read(copy.path().join("big.bin")).expect("big"),
+        noise
+    );
 }

@@ -186,6 +186,25 @@ impl SqlStore {
         first_only: bool,
     ) -> StoreResult<SnapshotMeta> {
         let sha256 = hex::encode(Sha256::digest(&snapshot.data));
+        // Snapshots only move forward: one that covers less of the journal
+        // than the newest (a save that finished late, after its actor was
+        // replaced) would bring back a state whose later journal records
+        // are already trimmed.
+        let newest: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(journal_seq) FROM git_snapshots WHERE project_id = $1 AND branch = $2",
+        )
+        .bind(key.project_id)
+        .bind(key.branch.as_str())
+        .fetch_one(&mut **tx)
+        .await?;
+        if let Some(newest) = newest
+            && newest > snapshot.journal_seq
+        {
+            return Err(StoreError::Conflict(format!(
+                "a newer snapshot of {key} already covers the journal up to {newest}; this one stops at {}",
+                snapshot.journal_seq
+            )));
+        }
         let statement = if first_only {
             "INSERT INTO git_snapshots \
                (project_id, branch, version, data, sha256, size, journal_seq, author, created_at) \

@@ -165,10 +165,32 @@ pub enum WorkspaceMsg {
         compiled: Compiled,
         by: Doer,
     },
+    /// A save running in the background finished: the new snapshot
+    /// version, or why it failed.
+    SaveDone {
+        result: Result<i64, OpError>,
+    },
     /// Makes the actor panic, to test what survives one. Exists only in
     /// test builds; no client message can produce it.
     #[cfg(any(test, feature = "fault-injection"))]
     Panic,
+}
+
+/// Who waits for a save, and how each is answered.
+enum SaveWaiter {
+    /// The node (garbage collection, kill, drain, a handle's `save`).
+    Node(RpcReplyPort<Result<(i64, bool), OpError>>),
+    /// A session's `save` op; the other sessions hear `saved`.
+    Session { reply: Responder, by: Doer },
+    /// The autosave timer.
+    Auto,
+}
+
+/// A save in progress: the journal position it covers and who waits.
+struct SaveRun {
+    journal_seq: i64,
+    started: Instant,
+    waiters: Vec<SaveWaiter>,
 }
 
 /// Where an op's result goes. A reply port for callers that wait; a
@@ -249,6 +271,10 @@ pub struct WorkspaceState {
     /// The compiler's state for this working copy, used by one compile
     /// at a time, off the actor (see [`CompileSettings::run`]).
     compile_cache: Arc<tokio::sync::Mutex<CompileCache>>,
+    /// The save running in the background, if any, and the waiters that
+    /// asked after changes it does not cover (served by the next run).
+    saving: Option<SaveRun>,
+    save_queue: Vec<SaveWaiter>,
     /// Declared last: dropped after everything that uses the directory.
     dir: TempDir,
 }
@@ -327,6 +353,20 @@ impl Actor for WorkspaceActor {
                 op: Op::Compile { entry },
                 reply,
             } => state.compile(&myself, &session, &entry, reply),
+            WorkspaceMsg::Op {
+                session,
+                op: Op::Save,
+                reply,
+            } => match state.admit(&session, &Op::Save) {
+                Ok(who) => {
+                    let waiter = SaveWaiter::Session {
+                        reply,
+                        by: who.doer(),
+                    };
+                    state.request_save(&myself, waiter).await
+                }
+                Err(err) => reply.send(Err(err)),
+            },
             WorkspaceMsg::Op { session, op, reply } => {
                 let result = state.op(&myself, &session, op).await;
                 reply.send(result);
@@ -335,10 +375,11 @@ impl Actor for WorkspaceActor {
                 let _ = reply.send(state.info());
             }
             WorkspaceMsg::Save { reply } => {
-                let _ = reply.send(state.save(None).await);
+                state.request_save(&myself, SaveWaiter::Node(reply)).await
             }
+            WorkspaceMsg::SaveDone { result } => state.save_done(&myself, result).await,
             WorkspaceMsg::LockExpired { generation } => state.expire_lock(Some(generation)),
-            WorkspaceMsg::AutosaveTick => state.autosave().await,
+            WorkspaceMsg::AutosaveTick => state.autosave(&myself).await,
             WorkspaceMsg::Compiled {
                 entry,
                 compiled,
@@ -361,6 +402,30 @@ impl Actor for WorkspaceActor {
     }
 }
 
+/// The latest snapshot and the journal records after it, consistent with
+/// each other. A save that commits between the two reads trims records
+/// the older snapshot needs; its own, newer snapshot has them, so the pair
+/// is read again until no save came in between.
+async fn load(
+    store: &dyn Store,
+    key: &WorkspaceKey,
+) -> Result<(crate::storage::Snapshot, Vec<crate::storage::JournalEntry>), OpError> {
+    loop {
+        let snapshot = store.latest_snapshot(key).await?.ok_or_else(|| {
+            OpError::not_found(format!(
+                "branch {:?} of project {} does not exist",
+                key.branch, key.project_id
+            ))
+        })?;
+        let records = store.journal_after(key, snapshot.meta.journal_seq).await?;
+        let newest = store.list_snapshots(key).await?.first().map(|m| m.version);
+        if newest == Some(snapshot.meta.version) {
+            return Ok((snapshot, records));
+        }
+        tracing::info!(workspace = %key, "a save landed while loading; loading again");
+    }
+}
+
 /// Loads the latest snapshot into a new temp dir and checks it holds a repository.
 async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
     let WorkspaceArgs {
@@ -370,16 +435,7 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
         fence,
     } = args;
     let started = Instant::now();
-    let snapshot = store
-        .latest_snapshot(&key)
-        .await
-        .map_err(OpError::from)?
-        .ok_or_else(|| {
-            OpError::not_found(format!(
-                "branch {:?} of project {} does not exist",
-                key.branch, key.project_id
-            ))
-        })?;
+    let (snapshot, records) = load(store.as_ref(), &key).await?;
     std::fs::create_dir_all(&settings.root)
         .map_err(|e| OpError::internal("creating the workspace dir", e))?;
     let dir = tempfile::Builder::new()
@@ -390,10 +446,6 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
     let max_bytes = settings.max_workspace;
     let version = snapshot.meta.version;
     let data = snapshot.data;
-    let records = store
-        .journal_after(&key, snapshot.meta.journal_seq)
-        .await
-        .map_err(OpError::from)?;
     let replayed = records.len();
     let journal_seq = records.last().map_or(snapshot.meta.journal_seq, |r| r.seq);
     let limits = settings.files;
@@ -435,6 +487,8 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
         settings,
         fence,
         journal_seq,
+        saving: None,
+        save_queue: Vec::new(),
         dirty_since: replayed_at,
         last_change: replayed_at,
         files,
@@ -637,25 +691,32 @@ impl WorkspaceState {
         });
     }
 
-    async fn op(
-        &mut self,
-        myself: &ActorRef<WorkspaceMsg>,
-        session: &SessionId,
-        op: Op,
-    ) -> OpResult {
+    /// The session, if it may run `op`: attached, with the role it needs,
+    /// holding the lock (or nobody does) for a change.
+    fn admit(&mut self, session: &SessionId, op: &Op) -> Result<SessionInfo, OpError> {
         let who = self.attached(session)?;
-        if needs_editor(&op) && who.role < Role::Editor {
+        if needs_editor(op) && who.role < Role::Editor {
             return Err(OpError::forbidden(format!(
                 "{} needs the editor role; you are {}",
                 op.name(),
                 who.role.as_str()
             )));
         }
-        if edits(&op) {
+        if edits(op) {
             self.check_lock(session)?;
         }
-        let by = who.doer();
         self.last_activity = now_ms();
+        Ok(who)
+    }
+
+    async fn op(
+        &mut self,
+        myself: &ActorRef<WorkspaceMsg>,
+        session: &SessionId,
+        op: Op,
+    ) -> OpResult {
+        let who = self.admit(session, &op)?;
+        let by = who.doer();
         match op {
             Op::ListTree { path } => {
                 let under = WorkPath::parse(path.as_deref().unwrap_or(""), self.settings.max_path)?;
@@ -779,22 +840,11 @@ impl WorkspaceState {
                     })),
                 }
             }
-            Op::Save => {
-                let (snapshot_version, saved) = self.save(Some(&who)).await?;
-                if saved {
-                    self.broadcast(
-                        Some(session),
-                        Event::Saved {
-                            snapshot_version,
-                            by,
-                        },
-                    );
-                }
-                Ok(Reply::Saved {
-                    snapshot_version,
-                    saved,
-                })
-            }
+            // Answered by `request_save`, which does not wait for the save.
+            Op::Save => Err(OpError::internal(
+                "saving",
+                "a save op reached the synchronous path",
+            )),
             // Answered by `compile`, which does not wait for the result.
             Op::Compile { .. } => Err(OpError::internal(
                 "compiling",
@@ -990,7 +1040,7 @@ impl WorkspaceState {
 
     /// Saves unsaved changes once they have been quiet for the autosave
     /// period, or have waited the longest autosave period.
-    async fn autosave(&mut self) {
+    async fn autosave(&mut self, myself: &ActorRef<WorkspaceMsg>) {
         let now = Instant::now();
         let quiet = self
             .last_change
@@ -998,16 +1048,11 @@ impl WorkspaceState {
         let overdue = self
             .dirty_since
             .is_some_and(|at| now.duration_since(at) >= self.settings.autosave_max);
-        if self.dirty
-            && (quiet || overdue)
-            && let Err(err) = self.save(None).await
-        {
-            tracing::warn!(workspace = %self.key, error = %err.message, "autosave failed; retrying on the next tick");
+        if self.dirty && (quiet || overdue) && self.saving.is_none() {
+            self.request_save(myself, SaveWaiter::Auto).await;
         }
     }
 
-    /// Packs the working dir into a new snapshot version unless nothing
-    /// changed since the last save. Returns the version and whether it is new.
     /// Refuses writes while this node cannot renew its heartbeat: another
     /// node may be about to take the workspace over.
     fn check_writable(&self) -> Result<(), OpError> {
@@ -1023,37 +1068,152 @@ impl WorkspaceState {
         ))
     }
 
-    async fn save(&mut self, by: Option<&SessionInfo>) -> Result<(i64, bool), OpError> {
-        if !self.dirty {
-            return Ok((self.snapshot_version, false));
+    /// Asks for a save. Nothing changed and nothing running: answered at
+    /// once. A save running that covers every change so far: the waiter
+    /// joins it. Otherwise the waiter is served by a new run (now, or after
+    /// the running one).
+    async fn request_save(&mut self, myself: &ActorRef<WorkspaceMsg>, waiter: SaveWaiter) {
+        match &mut self.saving {
+            Some(run) if run.journal_seq == self.journal_seq => run.waiters.push(waiter),
+            Some(_) => self.save_queue.push(waiter),
+            None if !self.dirty => {
+                let version = self.snapshot_version;
+                self.answer_save(vec![waiter], Ok((version, false)));
+            }
+            None => self.start_save(myself, vec![waiter]).await,
         }
-        self.check_writable()?;
-        let dir = self.dir.path().to_path_buf();
-        let started = Instant::now();
-        let data = blocking("packing the working dir", move || {
-            snapshot::pack(&dir).map_err(|e| OpError::internal("packing the working dir", e))
+    }
+
+    /// Starts a save of everything journalled so far. The working dir is
+    /// copied by hard links (writes replace files by renaming, and git
+    /// writes new files, so a linked copy stays as it was); packing and
+    /// storing then run in a task while the actor goes on serving reads and
+    /// writes. Only the linking (milliseconds) holds the mailbox.
+    async fn start_save(&mut self, myself: &ActorRef<WorkspaceMsg>, waiters: Vec<SaveWaiter>) {
+        if let Err(err) = self.check_writable() {
+            return self.answer_save(waiters, Err(err));
+        }
+        let (dir, root) = (self.dir.path().to_path_buf(), self.settings.root.clone());
+        let copy = blocking("copying the working dir for a save", move || {
+            let copy = tempfile::Builder::new()
+                .prefix("save-")
+                .tempdir_in(&root)
+                .map_err(|e| OpError::internal("making a save dir", e))?;
+            snapshot::link_tree(&dir, copy.path())
+                .map_err(|e| OpError::internal("copying the working dir for a save", e))?;
+            Ok(copy)
         })
-        .await?;
-        let size = data.len();
-        let meta = self
-            .store
-            .put_snapshot(
-                &self.key,
-                NewSnapshot {
-                    data,
-                    author: by.map(|s| s.username.clone()),
-                    journal_seq: self.journal_seq,
-                    keep: self.settings.snapshots_kept,
-                },
-                Some(&self.fence),
-            )
-            .await?;
-        self.dirty = false;
-        self.dirty_since = None;
-        self.last_change = None;
-        self.snapshot_version = meta.version;
-        tracing::info!(workspace = %self.key, version = meta.version, bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "workspace saved");
-        Ok((meta.version, true))
+        .await;
+        let copy = match copy {
+            Ok(copy) => copy,
+            Err(err) => return self.answer_save(waiters, Err(err)),
+        };
+        let author = waiters.iter().find_map(|w| match w {
+            SaveWaiter::Session { by, .. } => Some(by.user.clone()),
+            _ => None,
+        });
+        let journal_seq = self.journal_seq;
+        self.saving = Some(SaveRun {
+            journal_seq,
+            started: Instant::now(),
+            waiters,
+        });
+        let (store, key, fence, keep) = (
+            self.store.clone(),
+            self.key.clone(),
+            self.fence.clone(),
+            self.settings.snapshots_kept,
+        );
+        let myself = myself.clone();
+        tokio::spawn(async move {
+            let packed = blocking("packing the working dir", move || {
+                snapshot::pack(copy.path())
+                    .map_err(|e| OpError::internal("packing the working dir", e))
+            })
+            .await;
+            let result = match packed {
+                Err(err) => Err(err),
+                Ok(data) => store
+                    .put_snapshot(
+                        &key,
+                        NewSnapshot {
+                            data,
+                            author,
+                            journal_seq,
+                            keep,
+                        },
+                        Some(&fence),
+                    )
+                    .await
+                    .map(|meta| meta.version)
+                    .map_err(OpError::from),
+            };
+            // Undelivered, the actor is gone: so are its waiters.
+            let _ = myself.cast(WorkspaceMsg::SaveDone { result });
+        });
+    }
+
+    /// A background save finished: record it, answer its waiters, and
+    /// start the next run if changes came in meanwhile and someone waits.
+    async fn save_done(&mut self, myself: &ActorRef<WorkspaceMsg>, result: Result<i64, OpError>) {
+        let Some(run) = self.saving.take() else {
+            return;
+        };
+        match &result {
+            Ok(version) => {
+                self.snapshot_version = *version;
+                if self.journal_seq == run.journal_seq {
+                    self.dirty = false;
+                    self.dirty_since = None;
+                    self.last_change = None;
+                }
+                tracing::info!(workspace = %self.key, version, elapsed_ms = run.started.elapsed().as_millis() as u64, "workspace saved");
+            }
+            Err(err) => {
+                tracing::warn!(workspace = %self.key, error = %err.message, "saving failed");
+            }
+        }
+        self.answer_save(run.waiters, result.map(|version| (version, true)));
+        let queued = std::mem::take(&mut self.save_queue);
+        if !queued.is_empty() {
+            if self.dirty {
+                self.start_save(myself, queued).await;
+            } else {
+                let version = self.snapshot_version;
+                self.answer_save(queued, Ok((version, false)));
+            }
+        }
+    }
+
+    fn answer_save(&mut self, waiters: Vec<SaveWaiter>, result: Result<(i64, bool), OpError>) {
+        for waiter in waiters {
+            match waiter {
+                SaveWaiter::Node(reply) => {
+                    let _ = reply.send(result.clone());
+                }
+                SaveWaiter::Auto => {}
+                SaveWaiter::Session { reply, by } => {
+                    if let Ok((snapshot_version, true)) = &result {
+                        let session = by.session.clone();
+                        self.broadcast(
+                            Some(&session),
+                            Event::Saved {
+                                snapshot_version: *snapshot_version,
+                                by,
+                            },
+                        );
+                    }
+                    reply.send(
+                        result
+                            .clone()
+                            .map(|(snapshot_version, saved)| Reply::Saved {
+                                snapshot_version,
+                                saved,
+                            }),
+                    );
+                }
+            }
+        }
     }
 }
 

@@ -43,6 +43,38 @@ pub fn pack(dir: &Path) -> io::Result<Vec<u8>> {
     builder.into_inner()?.finish()
 }
 
+/// Makes `into` (an existing, empty dir on the same file system) a copy
+/// of `dir` as of now, by hard links: directories are made, files linked,
+/// symbolic links re-created. Cheap (no file content is read), and the copy
+/// keeps its content as long as files in `dir` are only ever replaced (a
+/// new file renamed over the old one), never written in place: true of the
+/// workspace's writes and of git. `.git/branchd/tmp` (writes being staged)
+/// is left out.
+pub fn link_tree(dir: &Path, into: &Path) -> io::Result<()> {
+    let staging = Path::new(".git").join("branchd").join("tmp");
+    let mut pending = vec![std::path::PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        for entry in std::fs::read_dir(dir.join(&relative))? {
+            let entry = entry?;
+            let path = relative.join(entry.file_name());
+            if path == staging {
+                continue;
+            }
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                std::fs::create_dir(into.join(&path))?;
+                pending.push(path);
+            } else if kind.is_symlink() {
+                let target = std::fs::read_link(entry.path())?;
+                std::os::unix::fs::symlink(target, into.join(&path))?;
+            } else {
+                std::fs::hard_link(entry.path(), into.join(&path))?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Unpacks a tar.gz blob into `dest` (which must exist), refusing links,
 /// devices, absolute paths, `..` and more than `max_bytes` of file content.
 pub fn unpack(data: &[u8], dest: &Path, max_bytes: u64) -> Result<Unpacked, SnapshotError> {
