@@ -214,6 +214,43 @@ async fn main() {
     })
     .await
     .row_in(&mut report, "save (pack + store)");
+
+    // Reads while a save runs: the save packs in the background, so a read
+    // should cost what it costs when the workspace is idle.
+    let mut during = Vec::new();
+    for round in 0..5 {
+        workspace
+            .op(
+                &me,
+                Op::WriteFile {
+                    path: format!("during/{round}.txt"),
+                    content: small.clone(),
+                    base_version: None,
+                    force: true,
+                },
+            )
+            .await
+            .expect("write");
+        let saving = {
+            let (workspace, me) = (workspace.clone(), me.clone());
+            tokio::spawn(async move { workspace.op(&me, Op::Save).await })
+        };
+        while !saving.is_finished() {
+            let started = Instant::now();
+            workspace
+                .op(
+                    &me,
+                    Op::ReadFile {
+                        path: "small.txt".into(),
+                    },
+                )
+                .await
+                .expect("read during a save");
+            during.push(started.elapsed());
+        }
+        saving.await.expect("task").expect("save");
+    }
+    Stats(during).row_in(&mut report, "read_file 1 KiB during a save");
     report.write();
     workspace.stop().await;
     store.delete_project(project.id).await.expect("clean up");
