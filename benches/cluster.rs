@@ -111,28 +111,7 @@ async fn main() {
     );
     let owner = start(&url, "bench-owner", dirs.0.path());
     let other = start(&url, "bench-other", dirs.1.path());
-    let http = reqwest::Client::new();
-    let login: serde_json::Value = http
-        .post(format!("{}/api/auth/login", owner.base))
-        .json(&serde_json::json!({"username": "admin", "password": PASSWORD}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    let token = login["token"].as_str().expect("token").to_string();
-    let project: serde_json::Value = http
-        .post(format!("{}/api/projects", owner.base))
-        .bearer_auth(&token)
-        .json(&serde_json::json!({"name": "bench"}))
-        .send()
-        .await
-        .expect("project")
-        .json()
-        .await
-        .expect("json");
-    let project = project["id"].as_i64().expect("id");
+    let (token, project) = common::admin_and_project(&owner.base, PASSWORD).await;
 
     let direct = connect(&owner.base, &token, project).await;
     assert_eq!(direct.welcome().owner, "bench-owner");

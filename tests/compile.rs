@@ -64,18 +64,11 @@ export const wheel = cylinder(dims::radius, 2);
 /// A server (compile limits made small, so limit tests are quick), an
 /// admin token and a project.
 async fn server(db: TestDb) -> (TestServer, String, i64) {
-    let server = TestServer::start_with(db, |config| {
+    common::server_with_project(db, |config| {
         config.compile_max_operations = 200_000;
         config.compile_max_call_depth = 32;
     })
-    .await;
-    let admin = server.admin_token().await;
-    let (status, project) = server
-        .post("/api/projects", &admin, json!({"name": "Gearbox"}))
-        .await;
-    assert_eq!(status, 201, "{project}");
-    let id = project["id"].as_i64().expect("id");
-    (server, admin, id)
+    .await
 }
 
 async fn connect(server: &TestServer, token: &str, project: i64) -> Client {

@@ -27,18 +27,11 @@ async fn server_with_project(db: TestDb) -> (TestServer, String, i64) {
 }
 
 async fn server_pinging_every(db: TestDb, ping_interval: Duration) -> (TestServer, String, i64) {
-    let server = TestServer::start_with(db, |config| {
+    common::server_with_project(db, |config| {
         config.max_frame = 256 * 1024;
         config.ping_interval = ping_interval;
     })
-    .await;
-    let admin = server.admin_token().await;
-    let (status, project) = server
-        .post("/api/projects", &admin, json!({"name": "Gearbox"}))
-        .await;
-    assert_eq!(status, 201, "{project}");
-    let id = project["id"].as_i64().expect("id");
-    (server, admin, id)
+    .await
 }
 
 async fn member(server: &TestServer, admin: &str, project: i64, name: &str, role: &str) -> String {

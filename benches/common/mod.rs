@@ -163,10 +163,17 @@ pub async fn bench_server(
         .await
         .expect("server");
     let base = format!("http://{}", server.local_addr());
+    let (token, project) = admin_and_project(&base, PASSWORD).await;
+    (server, base, token, project, data)
+}
+
+/// Logs in as `admin` on the server at `base` and creates a project:
+/// (token, project id).
+pub async fn admin_and_project(base: &str, password: &str) -> (String, i64) {
     let http = reqwest::Client::new();
     let login: serde_json::Value = http
         .post(format!("{base}/api/auth/login"))
-        .json(&serde_json::json!({"username": "admin", "password": PASSWORD}))
+        .json(&serde_json::json!({"username": "admin", "password": password}))
         .send()
         .await
         .expect("login")
@@ -184,8 +191,7 @@ pub async fn bench_server(
         .json()
         .await
         .expect("json");
-    let project = project["id"].as_i64().expect("id");
-    (server, base, token, project, data)
+    (token, project["id"].as_i64().expect("id"))
 }
 
 /// One benchmark's results as JSON, for `benches/run.sh`, which runs every

@@ -85,6 +85,21 @@ struct Session {
     ping_in_flight: bool,
 }
 
+impl Session {
+    fn opened(ses: NodeServerSessionInformation) -> Session {
+        Session {
+            actor: ses.actor,
+            addr: ses.peer_addr,
+            name: None,
+            ready: false,
+            inbound: ses.is_server,
+            opened: Instant::now(),
+            missed_pings: 0,
+            ping_in_flight: false,
+        }
+    }
+}
+
 pub(super) enum Note {
     Opened(NodeServerSessionInformation),
     Ready(NodeServerSessionInformation),
@@ -192,31 +207,16 @@ impl Membership {
     fn note(&mut self, note: Note) {
         match note {
             Note::Opened(ses) => {
-                let id = ses.actor.get_id();
-                self.sessions.entry(id).or_insert(Session {
-                    actor: ses.actor,
-                    addr: ses.peer_addr,
-                    name: None,
-                    ready: false,
-                    inbound: ses.is_server,
-                    opened: Instant::now(),
-                    missed_pings: 0,
-                    ping_in_flight: false,
-                });
+                self.sessions
+                    .entry(ses.actor.get_id())
+                    .or_insert_with(|| Session::opened(ses));
             }
             Note::Ready(ses) => {
                 let name = ses.peer_name.as_ref().map(|n| tag_of(&n.name));
-                let id = ses.actor.get_id();
-                let session = self.sessions.entry(id).or_insert(Session {
-                    actor: ses.actor,
-                    addr: ses.peer_addr,
-                    name: None,
-                    ready: false,
-                    inbound: ses.is_server,
-                    opened: Instant::now(),
-                    missed_pings: 0,
-                    ping_in_flight: false,
-                });
+                let session = self
+                    .sessions
+                    .entry(ses.actor.get_id())
+                    .or_insert_with(|| Session::opened(ses));
                 session.ready = true;
                 session.name = name.clone();
                 let addr = session.addr.clone();

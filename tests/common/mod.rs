@@ -429,3 +429,23 @@ pub async fn next_event(
         }
     }
 }
+
+/// A server configured by `adjust`, an admin token and a new project
+/// ("Gearbox"): (server, admin token, project id).
+pub async fn server_with_project(
+    db: TestDb,
+    adjust: impl FnOnce(&mut Config),
+) -> (TestServer, String, i64) {
+    let server = TestServer::start_with(db, adjust).await;
+    let admin = server.admin_token().await;
+    let (status, project) = server
+        .post(
+            "/api/projects",
+            &admin,
+            serde_json::json!({"name": "Gearbox"}),
+        )
+        .await;
+    assert_eq!(status, 201, "{project}");
+    let id = project["id"].as_i64().expect("id");
+    (server, admin, id)
+}
