@@ -31,6 +31,7 @@ on_both_backends!(
     concurrent_attach_and_detach_never_drift_the_count,
     wiping_a_server_tag_removes_its_sessions_and_claims_only,
     nodes_are_live_while_their_heartbeat_is_fresh,
+    concurrent_appends_of_many_workspaces_all_land_and_a_stale_fence_alone_is_refused,
 );
 
 async fn user(store: &dyn Store, name: &str) -> i64 {
@@ -843,4 +844,81 @@ async fn a_branch_is_created_once_even_when_two_try_at_once(db: TestDb) {
         matches!(trimmed, Err(StoreError::Conflict(_))),
         "{trimmed:?}"
     );
+}
+
+async fn concurrent_appends_of_many_workspaces_all_land_and_a_stale_fence_alone_is_refused(
+    db: TestDb,
+) {
+    let store = db.open().await;
+    let (_, first) = project(store.as_ref()).await;
+    store.register_node("n1", None, None).await.expect("node");
+    // Five workspaces owned by n1, and one stale fence on the first.
+    let mut keys = vec![first.clone()];
+    for b in 1..5 {
+        let key = WorkspaceKey::new(first.project_id, format!("b{b}"));
+        store
+            .create_branch(&key, snapshot(b"b", 0, 10))
+            .await
+            .expect("branch");
+        keys.push(key);
+    }
+    let mut fences = Vec::new();
+    for key in &keys {
+        let epoch = owned(store.claim(key, "n1", 60_000).await.expect("claim")).epoch;
+        fences.push(fence("n1", epoch));
+    }
+    let stale = fence("n1", fences[0].epoch - 1);
+    // 20 appends per workspace at once, plus 5 under the stale fence: they
+    // queue up behind each other and are committed in shared transactions.
+    let mut tasks = Vec::new();
+    for round in 0..20 {
+        for (key, f) in keys.iter().zip(&fences) {
+            let (store, key, f) = (store.clone(), key.clone(), f.clone());
+            tasks.push(tokio::spawn(async move {
+                let op = format!("{key} {round}").into_bytes();
+                (
+                    key.clone(),
+                    store.append_journal(&key, &f, &op).await.map(|_| op),
+                )
+            }));
+        }
+    }
+    let mut refused = Vec::new();
+    for _ in 0..5 {
+        let (store, key, f) = (store.clone(), keys[0].clone(), stale.clone());
+        refused.push(tokio::spawn(async move {
+            store.append_journal(&key, &f, b"stale").await
+        }));
+    }
+    let mut landed: std::collections::HashMap<WorkspaceKey, Vec<Vec<u8>>> = Default::default();
+    for task in tasks {
+        let (key, op) = task.await.expect("task");
+        landed
+            .entry(key)
+            .or_default()
+            .push(op.expect("a current fence lands"));
+    }
+    for task in refused {
+        let result = task.await.expect("task");
+        assert!(
+            matches!(result, Err(StoreError::Fenced { .. })),
+            "{result:?}"
+        );
+    }
+    for key in &keys {
+        let mut stored: Vec<Vec<u8>> = store
+            .journal_after(key, 0)
+            .await
+            .expect("journal")
+            .into_iter()
+            .map(|e| e.op)
+            .collect();
+        let mut expected = landed.remove(key).unwrap_or_default();
+        stored.sort();
+        expected.sort();
+        assert_eq!(
+            stored, expected,
+            "every acknowledged record of {key}, nothing else"
+        );
+    }
 }

@@ -53,6 +53,133 @@ pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
     dialect: &'static Dialect,
+    /// Journal appends go through one committer task per store (group
+    /// commit, see [`JournalCommitter`]).
+    journal: tokio::sync::mpsc::UnboundedSender<PendingAppend>,
+}
+
+/// A journal append waiting for its turn in a group commit.
+struct PendingAppend {
+    key: WorkspaceKey,
+    fence: Fence,
+    op: Vec<u8>,
+    done: tokio::sync::oneshot::Sender<StoreResult<i64>>,
+}
+
+/// Most appends one journal transaction takes.
+const MAX_JOURNAL_BATCH: usize = 512;
+
+/// Group commit: every workspace of a node appends its journal records
+/// through this one task, which commits whatever has queued up while the
+/// previous transaction was committing in a single transaction (each
+/// record still checked against its own fence). With one workspace and no
+/// load that is one record per commit, as before; under load many
+/// workspaces share each wait for the disk. What a caller sees does not
+/// change: its record is durable when its append returns, and a record
+/// whose fence is stale is refused while the others of the batch land.
+struct JournalCommitter {
+    pool: AnyPool,
+    dialect: &'static Dialect,
+}
+
+impl JournalCommitter {
+    async fn run(self, mut queue: tokio::sync::mpsc::UnboundedReceiver<PendingAppend>) {
+        while let Some(first) = queue.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_JOURNAL_BATCH {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            match self.commit(&batch).await {
+                Ok(results) => {
+                    for (append, result) in batch.into_iter().zip(results) {
+                        let _ = append.done.send(result);
+                    }
+                }
+                Err(err) => {
+                    // Nothing of the batch landed: every caller gets the
+                    // failure (the first one the database's own words).
+                    let text = err.to_string();
+                    let mut first = Some(err);
+                    for append in batch {
+                        let err = first.take().unwrap_or_else(|| {
+                            StoreError::Database(sqlx::Error::Protocol(format!(
+                                "the journal transaction failed: {text}"
+                            )))
+                        });
+                        let _ = append.done.send(Err(err));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One transaction for the whole batch; per record, `Fenced` or its
+    /// sequence number. Claim rows are locked in key order, so two
+    /// committers (two nodes) never wait on each other in a circle.
+    async fn commit(&self, batch: &[PendingAppend]) -> StoreResult<Vec<StoreResult<i64>>> {
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by(|&a, &b| batch[a].key.cmp(&batch[b].key));
+        let mut results: Vec<Option<StoreResult<i64>>> = (0..batch.len()).map(|_| None).collect();
+        let mut tx = self.pool.begin_with(self.dialect.begin_write).await?;
+        for index in order {
+            let append = &batch[index];
+            results[index] = Some(
+                match check_fence(self.dialect, &mut tx, &append.key, &append.fence).await {
+                    Err(fenced @ StoreError::Fenced { .. }) => Err(fenced),
+                    Err(other) => return Err(other),
+                    Ok(()) => Ok(sqlx::query_scalar(self.dialect.sql(
+                        "INSERT INTO journal (project_id, branch, epoch, op, created_at) \
+                         VALUES ($1, $2, $3, $4, {now}) RETURNING seq",
+                    ))
+                    .bind(append.key.project_id)
+                    .bind(append.key.branch.as_str())
+                    .bind(append.fence.epoch)
+                    .bind(append.op.as_slice())
+                    .fetch_one(&mut *tx)
+                    .await?),
+                },
+            );
+        }
+        tx.commit().await?;
+        Ok(results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(StoreError::Config("a journal append was skipped".into())))
+            })
+            .collect())
+    }
+}
+
+/// Locks a claim row in a write transaction and checks that the fence is
+/// the current owner's; `Fenced` otherwise.
+async fn check_fence(
+    dialect: &Dialect,
+    tx: &mut Transaction<'static, Any>,
+    key: &WorkspaceKey,
+    fence: &Fence,
+) -> StoreResult<()> {
+    let held: Option<i64> = sqlx::query_scalar(dialect.sql(
+        "SELECT epoch FROM git_actor_sessions \
+         WHERE project_id = $1 AND branch = $2 AND server_tag = $3 AND epoch = $4\
+         {share_lock}",
+    ))
+    .bind(key.project_id)
+    .bind(key.branch.as_str())
+    .bind(fence.server_tag.as_str())
+    .bind(fence.epoch)
+    .fetch_optional(&mut **tx)
+    .await?;
+    match held {
+        Some(_) => Ok(()),
+        None => Err(StoreError::Fenced {
+            key: key.clone(),
+            server_tag: fence.server_tag.clone(),
+            epoch: fence.epoch,
+        }),
+    }
 }
 
 impl SqlStore {
@@ -78,10 +205,18 @@ impl SqlStore {
             Backend::Postgres => url.to_string(),
         };
         let pool = options.connect(&url).await?;
+        let (journal, queue) = tokio::sync::mpsc::unbounded_channel();
+        let committer = JournalCommitter {
+            pool: pool.clone(),
+            dialect,
+        };
+        // Ends when the store (the queue's only sender) is dropped.
+        tokio::spawn(committer.run(queue));
         Ok(SqlStore {
             pool,
             backend,
             dialect,
+            journal,
         })
     }
 
@@ -116,25 +251,7 @@ impl SqlStore {
         key: &WorkspaceKey,
         fence: &Fence,
     ) -> StoreResult<()> {
-        let held: Option<i64> = sqlx::query_scalar(self.dialect.sql(
-            "SELECT epoch FROM git_actor_sessions \
-             WHERE project_id = $1 AND branch = $2 AND server_tag = $3 AND epoch = $4\
-             {share_lock}",
-        ))
-        .bind(key.project_id)
-        .bind(key.branch.as_str())
-        .bind(fence.server_tag.as_str())
-        .bind(fence.epoch)
-        .fetch_optional(&mut **tx)
-        .await?;
-        match held {
-            Some(_) => Ok(()),
-            None => Err(StoreError::Fenced {
-                key: key.clone(),
-                server_tag: fence.server_tag.clone(),
-                epoch: fence.epoch,
-            }),
-        }
+        check_fence(self.dialect, tx, key, fence).await
     }
 
     /// Sets a key's claim count to the number of its session rows.
@@ -921,20 +1038,23 @@ impl Store for SqlStore {
         fence: &Fence,
         op: &[u8],
     ) -> StoreResult<i64> {
-        let mut tx = self.begin_write().await?;
-        self.check_fence(&mut tx, key, fence).await?;
-        let seq: i64 = sqlx::query_scalar(self.dialect.sql(
-            "INSERT INTO journal (project_id, branch, epoch, op, created_at) \
-             VALUES ($1, $2, $3, $4, {now}) RETURNING seq",
-        ))
-        .bind(key.project_id)
-        .bind(key.branch.as_str())
-        .bind(fence.epoch)
-        .bind(op)
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(seq)
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let append = PendingAppend {
+            key: key.clone(),
+            fence: fence.clone(),
+            op: op.to_vec(),
+            done,
+        };
+        if self.journal.send(append).is_err() {
+            return Err(StoreError::Config(
+                "the journal committer has stopped".into(),
+            ));
+        }
+        answer.await.unwrap_or_else(|_| {
+            Err(StoreError::Config(
+                "the journal committer stopped before answering".into(),
+            ))
+        })
     }
 
     async fn journal_after(
