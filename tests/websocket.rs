@@ -565,6 +565,22 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
         client.ping().await.expect("the connection survived"),
         "test-node"
     );
+
+    // Over twice the limit the frame is not even read: the socket closes,
+    // saying why (an `error` event, then close code 1009).
+    let huge = vec![0u8; 600 * 1024];
+    client
+        .send_raw(Message::Binary(huge.into()))
+        .await
+        .expect("send");
+    match next_error(&mut client).await {
+        Some(Event::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::TooLarge);
+            assert!(message.contains("BRANCHD_MAX_FRAME"), "{message}");
+        }
+        other => panic!("expected a too_large error event, got {other:?}"),
+    }
+    assert!(client.ping().await.is_err(), "the socket is closed");
     server.stop().await;
 }
 

@@ -41,6 +41,7 @@ use futures_util::{SinkExt, StreamExt};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
+use tokio_tungstenite::tungstenite;
 
 use super::AppState;
 use super::auth::authenticate;
@@ -318,6 +319,19 @@ async fn write(sink: &mut Sink, message: Message) -> bool {
 }
 
 /// Writes an `error` event and a close frame, best effort.
+/// Whether reading failed because a frame or message was over the
+/// WebSocket layer's size limit (the socket can still say why it closes).
+fn too_big(err: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cause) = source {
+        if let Some(tungstenite::Error::Capacity(_)) = cause.downcast_ref::<tungstenite::Error>() {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
+}
+
 async fn close_with(sink: &mut Sink, code: ErrorCode, close: u16, reason: &str) {
     let event = encode(&Event::Error {
         code,
@@ -417,7 +431,17 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
     loop {
         tokio::select! {
             frame = stream.next() => match frame {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Err(err)) => {
+                    if too_big(&err) {
+                        let reason = format!(
+                            "a frame was larger than twice BRANCHD_MAX_FRAME ({} bytes); send less",
+                            state.config.max_frame.saturating_mul(2)
+                        );
+                        close_with(&mut sink, ErrorCode::TooLarge, 1009, &reason).await;
+                    }
+                    break;
+                }
+                Some(Ok(Message::Close(_))) | None => break,
                 Some(Ok(Message::Pong(_))) => {
                     if let Some(pinger) = &pinger {
                         let _ = pinger.cast(PingMsg::Pong);
