@@ -24,7 +24,7 @@ use branchd::protocol::{Op, Reply};
 use branchd::workspace::paths::WorkPath;
 
 mod common;
-use common::{Stats, bench_server, fmt};
+use common::{Report, Stats, bench_server, fmt};
 
 const MODULES: usize = 500;
 
@@ -108,6 +108,7 @@ async fn main() {
     let entry = WorkPath::parse("main.rhai", 1024).expect("entry");
     let fresh = || CompileCache::new(dir.path(), scratch.path(), compiler.clone());
     let cache_file = dir.path().join(branchd::compile::engine::CACHE_FILE);
+    let mut report = Report::new("compile");
 
     println!(
         "branchd compile bench: {MODULES} modules + main.rhai, a binary tree of imports; the edited leaf has {} importers",
@@ -128,22 +129,33 @@ async fn main() {
         fresh().compile(&entry, &limits).expect("compile")
     });
     let note = stats_note(&last);
-    print_row(full, "full compile (cold, nothing cached)", &note);
+    print_row(
+        &mut report,
+        full,
+        "full compile (cold, nothing cached)",
+        &note,
+    );
 
     let mut cache = fresh();
     cache.compile(&entry, &limits).expect("warm up");
     let (unchanged, last) = timed(50, |_| cache.compile(&entry, &limits).expect("compile"));
-    print_row(unchanged, "unchanged project", &stats_note(&last));
+    print_row(
+        &mut report,
+        unchanged,
+        "unchanged project",
+        &stats_note(&last),
+    );
 
     let leaf_path = dir.path().join(module_path(LEAF));
     let (edit, last) = timed(50, |i| {
         std::fs::write(&leaf_path, module_source(LEAF, i + 1)).expect("edit");
         cache.compile(&entry, &limits).expect("compile")
     });
-    print_row(edit, "one-leaf edit", &stats_note(&last));
+    print_row(&mut report, edit, "one-leaf edit", &stats_note(&last));
 
     let (reactivated, last) = timed(10, |_| fresh().compile(&entry, &limits).expect("compile"));
     print_row(
+        &mut report,
         reactivated,
         "fresh state from persisted cache",
         &stats_note(&last),
@@ -154,16 +166,19 @@ async fn main() {
         fresh().compile(&entry, &limits).expect("compile")
     });
     print_row(
+        &mut report,
         reactivated_edit,
         "fresh state + one-leaf edit",
         &stats_note(&last),
     );
 
-    protocol_rows().await;
+    protocol_rows(&mut report).await;
+    report.write();
 }
 
-fn print_row(stats: Stats, name: &str, note: &str) {
+fn print_row(report: &mut Report, stats: Stats, name: &str, note: &str) {
     let mut stats = stats;
+    report.record(name, &mut stats);
     let n = stats.0.len();
     let median = stats.percentile(0.5);
     let p99 = stats.percentile(0.99);
@@ -176,7 +191,7 @@ fn print_row(stats: Stats, name: &str, note: &str) {
 
 /// The same project over the WebSocket protocol: written with
 /// `write_file`, compiled with `compile`.
-async fn protocol_rows() {
+async fn protocol_rows(report: &mut Report) {
     let work_root = tempfile::tempdir().expect("workspace root");
     let (server, base, token, project, _data) =
         bench_server(Some(work_root.path().to_path_buf())).await;
@@ -243,8 +258,9 @@ async fn protocol_rows() {
         last = stats;
     }
     print_row(
+        report,
         Stats(unchanged),
-        "unchanged project",
+        "unchanged project, over WebSocket",
         &format!(
             "{} files: {} compiled",
             last.files_total, last.files_compiled
@@ -266,8 +282,9 @@ async fn protocol_rows() {
         last = stats;
     }
     print_row(
+        report,
         Stats(edits),
-        "one-leaf edit (compile only)",
+        "one-leaf edit, over WebSocket",
         &format!(
             "{} files: {} compiled, {} cached",
             last.files_total, last.files_compiled, last.files_cached

@@ -22,6 +22,10 @@ rm -rf "$BENCH_RESULTS_DIR"
 mkdir -p "$BENCH_RESULTS_DIR"
 trap 'rm -rf "${BENCH_WORKSPACE_DIR:-/nonexistent-branchd-bench}"' EXIT
 
+# Bench targets only (not the library's unit tests), unless told otherwise.
+if [[ $# -eq 0 ]]; then
+    set -- --benches
+fi
 (cd "$root" && cargo bench --locked "$@")
 
 python3 - "$BENCH_RESULTS_DIR" "$json_out" <<'PY'

@@ -213,9 +213,15 @@ impl Report {
 
     /// A timed scenario: prints its table row and records it.
     pub fn timing(&mut self, scenario: &str, mut stats: Stats) {
+        self.record(scenario, &mut stats);
+        stats.row(scenario);
+    }
+
+    /// Records a timed scenario without printing it (for benchmarks with
+    /// tables of their own).
+    pub fn record(&mut self, scenario: &str, stats: &mut Stats) {
         let n = stats.0.len();
         let (median, p99) = (stats.percentile(0.5), stats.percentile(0.99));
-        stats.row(scenario);
         self.entries.push(serde_json::json!({
             "kind": "timing",
             "scenario": scenario,
