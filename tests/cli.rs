@@ -129,6 +129,23 @@ fn migrate_applies_migrations_and_bad_urls_are_explained() {
 }
 
 #[test]
+fn a_cluster_cookie_on_sqlite_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().expect("dir");
+    let refused = branchd(dir.path())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("BRANCHD_CLUSTER_COOKIE", "secret")
+        .output()
+        .expect("serve");
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("clustering needs a shared Postgres database"),
+        "{said}"
+    );
+    assert!(said.contains("BRANCHD_CLUSTER_COOKIE"), "{said}");
+}
+
+#[test]
 fn readme_documents_every_setting() {
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
         .expect("README.md");
