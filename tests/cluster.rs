@@ -278,6 +278,44 @@ async fn clients_on_two_nodes_edit_a_workspace_owned_by_a_third() {
         Some(&b"written on C"[..])
     );
 
+    // A compiles through B; C hears of it (the model crosses both hops).
+    on_a.request(write("part.rhai", b"translate(cube(2, 2, 2), 1, 0, 0)\n"))
+        .await
+        .expect("A writes a model");
+    let compiled = on_a
+        .request(Op::Compile {
+            entry: "part.rhai".into(),
+        })
+        .await
+        .expect("A compiles");
+    let Reply::Compiled {
+        ok: true,
+        output: Some(output),
+        ..
+    } = compiled
+    else {
+        panic!("expected a compiled model, got {compiled:?}");
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match on_c.next_event(left).await {
+            Some(Event::Compiled {
+                entry,
+                output: seen,
+                by,
+                ..
+            }) => {
+                assert_eq!(entry, "part.rhai");
+                assert_eq!(by.session, on_a.welcome().session);
+                assert_eq!(seen, Some(output));
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("C never heard of A's compile"),
+        }
+    }
+
     // Only B runs the workspace; A shows its socket routed to B.
     let seen = view(&nodes[0], &token).await;
     let routed = &seen["routed_out"][0];
