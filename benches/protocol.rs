@@ -40,7 +40,10 @@ async fn echo_socket(
         "{}/ws/echo?access_token={token}",
         base.replacen("http", "ws", 1)
     );
-    tokio_tungstenite::connect_async(url)
+    // Configured like `branchd::client::Client`, so both sides compare alike.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(branchd::gateway::ws::READ_BUFFER);
+    tokio_tungstenite::connect_async_with_config(url, Some(config), false)
         .await
         .expect("echo socket")
         .0

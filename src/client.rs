@@ -139,7 +139,16 @@ impl Client {
     pub async fn open(
         request: tungstenite::handshake::client::Request,
     ) -> Result<Client, ClientError> {
-        let (socket, _) = match tokio_tungstenite::connect_async(request).await {
+        // The same small read buffer as the server (see `gateway::ws::READ_BUFFER`).
+        let config = tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(crate::gateway::ws::READ_BUFFER);
+        let (socket, _) = match tokio_tungstenite::connect_async_with_config(
+            request,
+            Some(config),
+            false,
+        )
+        .await
+        {
             Ok(connected) => connected,
             Err(tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();

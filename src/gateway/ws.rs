@@ -57,6 +57,11 @@ use crate::workspace::{Responder, SessionInfo, needs_editor};
 const EVENT_QUEUE: usize = 1024;
 /// Requests one connection may have in flight at once.
 const MAX_IN_FLIGHT: usize = 256;
+/// The WebSocket layer's read buffer. It zero-fills the free part of this
+/// buffer before every read, so its default (128 KiB) cost a memset of up
+/// to 128 KiB per small frame; larger frames still arrive whole (the
+/// buffer grows for them).
+pub const READ_BUFFER: usize = 8 * 1024;
 /// Pongs a client may miss before its socket is closed.
 const MISSED_PONGS: u32 = 2;
 
@@ -88,6 +93,7 @@ pub async fn upgrade(
                 let hard_limit =
                     usize::try_from(state.config.max_frame.saturating_mul(2)).unwrap_or(usize::MAX);
                 upgrade
+                    .read_buffer_size(READ_BUFFER)
                     .max_message_size(hard_limit)
                     .max_frame_size(hard_limit)
                     .on_upgrade(move |socket| serve(socket, state, target))
@@ -124,6 +130,7 @@ pub async fn echo(
     };
     let limit = usize::try_from(state.config.max_frame).unwrap_or(usize::MAX);
     upgrade
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(|mut socket| async move {
