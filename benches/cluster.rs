@@ -188,8 +188,6 @@ async fn main() {
     report.timing("read_file via the other node", other_reads);
     report.timing("write_file on the owner", owner_writes);
     report.timing("write_file via the other node", other_writes);
-    println!("read via other / on owner (p50): {read_ratio:.2}x");
-    println!("write via other / on owner (p50): {write_ratio:.2}x");
     report.ratio("cross-node read / owner read (p50)", read_ratio, None);
     report.ratio("cross-node write / owner write (p50)", write_ratio, None);
     report.write();

@@ -192,9 +192,6 @@ async fn main() {
     report.timing("cold activation (connect to welcome)", Stats(cold));
     report.timing("fetch + system tar -xzf", Stats(tar));
     println!();
-    println!("ratio stateless / actor, reads:  {read_ratio:.0}x");
-    println!("ratio stateless / actor, writes: {write_ratio:.0}x");
-    println!("ratio cold activation / (fetch + tar): {cold_ratio:.2}x");
     report.ratio("stateless / actor, reads", read_ratio, Some((">=", 1000.0)));
     report.ratio(
         "stateless / actor, writes",

@@ -238,12 +238,17 @@ impl Report {
         }));
     }
 
-    /// A ratio, and the target it must meet (`("<=", 1.3)` or `(">=", 100.0)`).
+    /// A ratio, and the target it must meet (`("<=", 1.3)` or `(">=", 100.0)`):
+    /// printed and recorded.
     pub fn ratio(&mut self, name: &str, value: f64, target: Option<(&str, f64)>) {
         let met = target.map(|(op, bound)| match op {
             "<=" => value <= bound,
             _ => value >= bound,
         });
+        match target {
+            Some((op, bound)) => println!("ratio {name}: {value:.2}x (target {op} {bound})"),
+            None => println!("ratio {name}: {value:.2}x"),
+        }
         self.entries.push(serde_json::json!({
             "kind": "ratio",
             "name": name,

@@ -34,7 +34,7 @@ use super::router::router_of;
 use super::routes::{Inbound, Outbound};
 use super::wire::RouterMsg;
 use crate::allocator::Allocator;
-use crate::storage::Store;
+use crate::storage::{NodeRow, Store};
 
 /// Pings a peer may miss in a row before it is disconnected.
 pub const MISSED_PINGS: u32 = 3;
@@ -278,13 +278,17 @@ impl Membership {
 
     async fn round(&mut self) {
         let lease_ms = self.settings.lease.as_millis() as i64;
-        let live = match self.store.live_nodes(lease_ms).await {
-            Ok(nodes) => nodes,
+        // One read of the table per round: who is live, and who is dead.
+        let (live, dead): (Vec<_>, Vec<_>) = match self.store.nodes_with_age().await {
+            Ok(nodes) => nodes
+                .into_iter()
+                .partition(|(_, age_ms)| *age_ms < lease_ms),
             Err(err) => {
-                tracing::warn!(error = %err, "reading the live nodes failed");
+                tracing::warn!(error = %err, "reading the nodes failed");
                 return;
             }
         };
+        let live: Vec<NodeRow> = live.into_iter().map(|(node, _)| node).collect();
         let me = self.settings.server_tag.as_str();
         let mut wanted: Vec<(Option<String>, String)> = live
             .iter()
@@ -370,7 +374,7 @@ impl Membership {
         }
 
         self.ping();
-        self.bury_dead_nodes(lease_ms).await;
+        self.bury_dead_nodes(dead, lease_ms).await;
     }
 
     /// Pings every ready peer's router (one ping in flight per peer).
@@ -405,16 +409,9 @@ impl Membership {
 
     /// Removes the rows of nodes whose heartbeat is older than the lease:
     /// their sessions go (counts stay true) and their claims are released.
-    async fn bury_dead_nodes(&self, lease_ms: i64) {
-        let nodes = match self.store.nodes_with_age().await {
-            Ok(nodes) => nodes,
-            Err(err) => {
-                tracing::warn!(error = %err, "reading the nodes failed");
-                return;
-            }
-        };
-        for (node, age_ms) in nodes {
-            if node.server_tag == self.settings.server_tag || age_ms < lease_ms {
+    async fn bury_dead_nodes(&self, dead: Vec<(NodeRow, i64)>, lease_ms: i64) {
+        for (node, age_ms) in dead {
+            if node.server_tag == self.settings.server_tag {
                 continue;
             }
             match self

@@ -159,10 +159,6 @@ impl Route {
             }
         }
     }
-
-    pub fn owner_is_remote(&self) -> bool {
-        matches!(self, Route::Remote { .. })
-    }
 }
 
 fn unavailable(message: impl Into<String>) -> OpError {
@@ -259,10 +255,6 @@ impl Cluster {
 
     pub fn server_tag(&self) -> &str {
         &self.0.server_tag
-    }
-
-    pub fn allocator(&self) -> &Allocator {
-        &self.0.allocator
     }
 
     /// The live node other than this one that owns `key`, if any.

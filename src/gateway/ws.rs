@@ -90,16 +90,22 @@ pub async fn upgrade(
             Ok(upgrade) => {
                 // Frames up to twice the limit are read and answered with
                 // `too_large`; beyond that the socket is closed (1009).
-                let hard_limit =
-                    usize::try_from(state.config.max_frame.saturating_mul(2)).unwrap_or(usize::MAX);
-                upgrade
-                    .read_buffer_size(READ_BUFFER)
-                    .max_message_size(hard_limit)
-                    .max_frame_size(hard_limit)
+                let hard_limit = state.config.max_frame.saturating_mul(2);
+                configured(upgrade, hard_limit)
                     .on_upgrade(move |socket| serve(socket, state, target))
             }
         },
     }
+}
+
+/// The WebSocket layer's settings for a socket taking frames up to `limit`
+/// bytes.
+fn configured(upgrade: WebSocketUpgrade, limit: u64) -> WebSocketUpgrade {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    upgrade
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(limit)
+        .max_frame_size(limit)
 }
 
 #[derive(Deserialize)]
@@ -128,23 +134,18 @@ pub async fn echo(
     let Ok(upgrade) = upgrade else {
         return ApiError::bad_request("GET /ws/echo takes a WebSocket upgrade").into_response();
     };
-    let limit = usize::try_from(state.config.max_frame).unwrap_or(usize::MAX);
-    upgrade
-        .read_buffer_size(READ_BUFFER)
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(|mut socket| async move {
-            while let Some(Ok(message)) = socket.recv().await {
-                let reply = match message {
-                    Message::Binary(bytes) => Message::Binary(bytes),
-                    Message::Close(_) => break,
-                    _ => continue,
-                };
-                if socket.send(reply).await.is_err() {
-                    break;
-                }
+    configured(upgrade, state.config.max_frame).on_upgrade(|mut socket| async move {
+        while let Some(Ok(message)) = socket.recv().await {
+            let reply = match message {
+                Message::Binary(bytes) => Message::Binary(bytes),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if socket.send(reply).await.is_err() {
+                break;
             }
-        })
+        }
+    })
 }
 
 /// Who may open a socket: a valid token (header, else `access_token`) on a

@@ -66,14 +66,6 @@ impl EventSink {
             EventSink::Remote(relay) => relay.deliver(Audience::Only(session.clone()), event),
         }
     }
-
-    /// The node a remote sink delivers to.
-    pub fn remote_node(&self) -> Option<&str> {
-        match self {
-            EventSink::Local(_) => None,
-            EventSink::Remote(relay) => Some(relay.node()),
-        }
-    }
 }
 
 /// Sends `event` to every session in `sessions` but `except`: local ones one
