@@ -39,4 +39,15 @@ impl Dialect {
                 .replace("{update_lock}", self.update_lock),
         ))
     }
+
+    /// Like [`Dialect::sql`], for a statement whose length depends on how
+    /// many rows it covers (a batch). The text is assembled by the crate
+    /// from its own fragments and `$N` parameters, never from values.
+    pub fn sql_built(&self, text: String) -> AssertSqlSafe<Cow<'static, str>> {
+        AssertSqlSafe(Cow::Owned(
+            text.replace("{now}", self.now)
+                .replace("{share_lock}", self.share_lock)
+                .replace("{update_lock}", self.update_lock),
+        ))
+    }
 }

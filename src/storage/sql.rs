@@ -67,7 +67,7 @@ struct PendingAppend {
 }
 
 /// Most appends one journal transaction takes.
-const MAX_JOURNAL_BATCH: usize = 512;
+const MAX_JOURNAL_BATCH: usize = 256;
 
 /// Group commit: every workspace of a node appends its journal records
 /// through this one task, which commits whatever has queued up while the
@@ -116,38 +116,109 @@ impl JournalCommitter {
         }
     }
 
-    /// One transaction for the whole batch; per record, `Fenced` or its
-    /// sequence number. Claim rows are locked in key order, so two
-    /// committers (two nodes) never wait on each other in a circle.
+    /// One transaction for the whole batch, in four statements whatever
+    /// its size (each statement is a round trip to the database, and with
+    /// SQLite a hand-off to its worker thread, which under load cost more
+    /// than the work): begin; read the claims of the batch's keys, locked
+    /// in key order (so two committers never wait on each other in a
+    /// circle); insert every record whose fence matches its key's claim;
+    /// commit. Per record: `Fenced`, or its sequence number.
     async fn commit(&self, batch: &[PendingAppend]) -> StoreResult<Vec<StoreResult<i64>>> {
-        let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by(|&a, &b| batch[a].key.cmp(&batch[b].key));
-        let mut results: Vec<Option<StoreResult<i64>>> = (0..batch.len()).map(|_| None).collect();
+        let mut keys: Vec<&WorkspaceKey> = batch.iter().map(|a| &a.key).collect();
+        keys.sort();
+        keys.dedup();
         let mut tx = self.pool.begin_with(self.dialect.begin_write).await?;
-        for index in order {
-            let append = &batch[index];
-            results[index] = Some(
-                match check_fence(self.dialect, &mut tx, &append.key, &append.fence).await {
-                    Err(fenced @ StoreError::Fenced { .. }) => Err(fenced),
-                    Err(other) => return Err(other),
-                    Ok(()) => Ok(sqlx::query_scalar(self.dialect.sql(
-                        "INSERT INTO journal (project_id, branch, epoch, op, created_at) \
-                         VALUES ($1, $2, $3, $4, {now}) RETURNING seq",
-                    ))
+
+        let mut select = String::from(
+            "SELECT project_id, branch, server_tag, epoch FROM git_actor_sessions WHERE ",
+        );
+        for i in 0..keys.len() {
+            if i > 0 {
+                select.push_str(" OR ");
+            }
+            select.push_str(&format!(
+                "(project_id = ${} AND branch = ${})",
+                2 * i + 1,
+                2 * i + 2
+            ));
+        }
+        select.push_str(" ORDER BY project_id, branch{share_lock}");
+        let mut query = sqlx::query(self.dialect.sql_built(select));
+        for key in &keys {
+            query = query.bind(key.project_id).bind(key.branch.as_str());
+        }
+        let mut holders = std::collections::HashMap::new();
+        for row in query.fetch_all(&mut *tx).await? {
+            let branch: String = row.try_get("branch")?;
+            let key = WorkspaceKey::new(row.try_get("project_id")?, branch);
+            let tag: String = row.try_get("server_tag")?;
+            let epoch: i64 = row.try_get("epoch")?;
+            holders.insert(key, (tag, epoch));
+        }
+
+        let admitted = |append: &PendingAppend| {
+            holders.get(&append.key).is_some_and(|(tag, epoch)| {
+                *tag == append.fence.server_tag && *epoch == append.fence.epoch
+            })
+        };
+        let accepted: Vec<&PendingAppend> = batch.iter().filter(|a| admitted(a)).collect();
+        let mut seqs = Vec::with_capacity(accepted.len());
+        if !accepted.is_empty() {
+            let mut insert = String::from(
+                "INSERT INTO journal (project_id, branch, epoch, op, created_at) VALUES ",
+            );
+            for i in 0..accepted.len() {
+                if i > 0 {
+                    insert.push_str(", ");
+                }
+                let n = 4 * i;
+                insert.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, {{now}})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4
+                ));
+            }
+            insert.push_str(" RETURNING seq");
+            let mut query = sqlx::query_scalar(self.dialect.sql_built(insert));
+            for append in &accepted {
+                query = query
                     .bind(append.key.project_id)
                     .bind(append.key.branch.as_str())
                     .bind(append.fence.epoch)
-                    .bind(append.op.as_slice())
-                    .fetch_one(&mut *tx)
-                    .await?),
-                },
-            );
+                    .bind(append.op.as_slice());
+            }
+            seqs = query.fetch_all(&mut *tx).await?;
+        }
+        if seqs.len() != accepted.len() {
+            return Err(StoreError::Config(format!(
+                "the journal insert returned {} sequence numbers for {} records",
+                seqs.len(),
+                accepted.len()
+            )));
         }
         tx.commit().await?;
-        Ok(results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| Err(StoreError::Config("a journal append was skipped".into())))
+
+        // The rows were inserted in batch order, so their sequence numbers
+        // rise in that order (whatever order RETURNING lists them in): each
+        // workspace's records keep the order it sent them in.
+        seqs.sort_unstable();
+        let mut seqs = seqs.into_iter();
+        Ok(batch
+            .iter()
+            .map(|append| {
+                if admitted(append) {
+                    seqs.next().ok_or_else(|| {
+                        StoreError::Config("a journal record got no sequence number".into())
+                    })
+                } else {
+                    Err(StoreError::Fenced {
+                        key: append.key.clone(),
+                        server_tag: append.fence.server_tag.clone(),
+                        epoch: append.fence.epoch,
+                    })
+                }
             })
             .collect())
     }
