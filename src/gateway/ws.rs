@@ -4,20 +4,22 @@
 //! (401 no or bad token, 403 not a member, 404 unknown project or branch,
 //! 503 draining). After it, each socket gets:
 //!
-//! - a **socket task** ([`serve`]), the only code that touches the socket:
-//!   it hands frames to the connection actor and writes replies, events
-//!   and control frames;
-//! - a **connection actor** ([`ConnectionActor`]) that decodes frames,
-//!   checks the role and casts each op to the workspace actor in the order
-//!   received (so a write then a read on one socket behave), with many in
-//!   flight at once; the workspace's [`Responder`] queues each answer
-//!   straight back to the socket task, matched by `id`;
+//! - a **connection** ([`serve`] and its [`Connection`]): the one task that
+//!   touches the socket. It decodes each frame, checks the role and sends
+//!   the op to the workspace actor in the order received (so a write then a
+//!   read on one socket behave), with many in flight at once; the
+//!   workspace's [`Responder`] queues each answer straight back to this
+//!   task, matched by `id`. Replies and events already queued are written
+//!   together with one flush, so under load one system call carries many
+//!   frames;
 //! - a **ping actor** ([`PingActor`]) that pings every
 //!   `BRANCHD_PING_INTERVAL` and closes a socket that misses two pongs.
 //!
-//! A request thus crosses the connection and workspace actors and nothing
-//! else; each extra task on that path would be another cross-thread wake-up
-//! (see docs/performance.md).
+//! A request thus crosses the workspace actor and nothing else. DESIGN.md
+//! draws a connection *actor* here; it was one, and the hop to it and back
+//! cost a cross-thread wake-up per request (see docs/performance.md), so
+//! the socket task plays its part: it owns the connection's state and
+//! handles one frame at a time, as the actor did.
 //!
 //! Nothing here makes a workspace wait on a slow client: events reach the
 //! socket through a bounded queue the workspace fills with `try_send` (a
@@ -64,6 +66,8 @@ const MAX_IN_FLIGHT: usize = 256;
 pub const READ_BUFFER: usize = 8 * 1024;
 /// Pongs a client may miss before its socket is closed.
 const MISSED_PONGS: u32 = 2;
+/// Most frames written with one flush.
+const WRITE_BATCH: usize = 64;
 
 #[derive(Deserialize)]
 pub struct WsQuery {
@@ -326,6 +330,64 @@ async fn write(sink: &mut Sink, message: Message) -> bool {
     )
 }
 
+/// Writes frames with one flush; false if the client is gone or too slow
+/// to take them.
+async fn write_all(sink: &mut Sink, frames: Vec<Message>) -> bool {
+    let sending = async {
+        for frame in frames {
+            sink.feed(frame).await?;
+        }
+        sink.flush().await
+    };
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, sending).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Writes `first` and whatever the connection has queued behind it with
+/// one flush; false once the socket is done (gone, too slow, or closed on
+/// purpose).
+async fn write_queued(
+    sink: &mut Sink,
+    first: Outgoing,
+    queue: &mut mpsc::UnboundedReceiver<Outgoing>,
+) -> bool {
+    let mut frames = Vec::new();
+    let mut closing = None;
+    let mut next = Some(first);
+    while let Some(item) = next {
+        match item {
+            Outgoing::Reply(id, result) => frames.push(reply_frame(id, &to_wire(result))),
+            Outgoing::Frame(message) => frames.push(message),
+            Outgoing::Close {
+                code,
+                close,
+                reason,
+            } => {
+                closing = Some((code, close, reason));
+                break;
+            }
+        }
+        next = if frames.len() < WRITE_BATCH {
+            queue.try_recv().ok()
+        } else {
+            None
+        };
+    }
+    if !frames.is_empty() && !write_all(sink, frames).await {
+        return false;
+    }
+    match closing {
+        None => true,
+        Some((code, close, reason)) => {
+            tracing::info!(%reason, "closing the connection");
+            close_with(sink, code, close, &reason).await;
+            false
+        }
+    }
+}
+
 /// Writes an `error` event and a close frame, best effort.
 /// Whether reading failed because a frame or message was over the
 /// WebSocket layer's size limit (the socket can still say why it closes).
@@ -394,42 +456,22 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
     tracing::info!(workspace = %key, session = %session.id, user = %session.username, "connected");
 
     let (outbox, mut outgoing) = mpsc::unbounded_channel::<Outgoing>();
-    let (connection, _) = match Actor::spawn(
-        None,
-        ConnectionActor,
-        ConnectionArgs {
-            session,
-            route: registration.route,
-            outbox: outbox.clone(),
-            node,
-            max_frame: state.config.max_frame,
-            guard,
-        },
-    )
-    .await
-    {
-        Ok(spawned) => spawned,
-        Err(err) => {
-            tracing::error!(error = %err, "starting a connection actor failed");
-            close_with(
-                &mut sink,
-                ErrorCode::Internal,
-                1011,
-                "the server could not start this connection",
-            )
-            .await;
-            return;
-        }
+    let mut connection = Connection {
+        session,
+        route: registration.route,
+        outbox: outbox.clone(),
+        node,
+        max_frame: state.config.max_frame,
+        in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        _guard: guard,
     };
-    let pinger = Actor::spawn_linked(
+    let pinger = Actor::spawn(
         None,
         PingActor,
         PingArgs {
             interval: state.config.ping_interval,
             outbox,
-            connection: connection.clone(),
         },
-        connection.get_cell(),
     )
     .await
     .ok()
@@ -456,28 +498,28 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
                     }
                 }
                 Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
-                Some(Ok(message)) => {
-                    if connection.cast(ConnectionMsg::Frame(message)).is_err() {
-                        break;
-                    }
-                }
+                Some(Ok(Message::Binary(bytes))) => connection.frame(&bytes),
+                Some(Ok(_)) => connection.event(Event::Error {
+                    code: ErrorCode::BadRequest,
+                    message: "text frames are not part of the protocol: send binary MessagePack frames"
+                        .into(),
+                }),
             },
             Some(item) = outgoing.recv() => {
-                let delivered = match item {
-                    Outgoing::Reply(id, result) => write(&mut sink, reply_frame(id, &to_wire(result))).await,
-                    Outgoing::Frame(message) => write(&mut sink, message).await,
-                    Outgoing::Close { code, close, reason } => {
-                        close_with(&mut sink, code, close, &reason).await;
-                        false
-                    }
-                };
-                if !delivered {
+                if !write_queued(&mut sink, item, &mut outgoing).await {
                     break;
                 }
             }
             event = incoming_events.recv() => match event {
                 Some(event) => {
-                    if !write(&mut sink, encode(&event)).await {
+                    let mut frames = vec![encode(&event)];
+                    while frames.len() < WRITE_BATCH {
+                        match incoming_events.try_recv() {
+                            Ok(event) => frames.push(encode(&event)),
+                            Err(_) => break,
+                        }
+                    }
+                    if !write_all(&mut sink, frames).await {
                         break;
                     }
                 }
@@ -500,7 +542,10 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
             }
         }
     }
-    connection.stop(None);
+    if let Some(pinger) = pinger {
+        pinger.stop(None);
+    }
+    drop(connection); // the session guard removes the session
     let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
 }
 
@@ -525,26 +570,9 @@ impl Drop for SessionGuard {
     }
 }
 
-pub struct ConnectionActor;
-
-pub struct ConnectionArgs {
-    session: SessionInfo,
-    route: Route,
-    outbox: Outbox,
-    node: String,
-    max_frame: u64,
-    guard: SessionGuard,
-}
-
-#[derive(ractor_cluster::RactorMessage)]
-pub enum ConnectionMsg {
-    /// A frame from the client (binary or text).
-    Frame(Message),
-    /// Close the socket with a reason (missed pongs, ...).
-    Close { code: ErrorCode, reason: String },
-}
-
-pub struct ConnectionState {
+/// One socket's side of the protocol: who is connected, where their ops
+/// go, and the queue back to the socket.
+struct Connection {
     session: SessionInfo,
     route: Route,
     outbox: Outbox,
@@ -632,70 +660,7 @@ fn decode(bytes: &[u8], max_frame: u64) -> Result<Decoded, (Option<u64>, OpError
     Ok(Decoded::Op { id, op })
 }
 
-impl Actor for ConnectionActor {
-    type Msg = ConnectionMsg;
-    type State = ConnectionState;
-    type Arguments = ConnectionArgs;
-
-    async fn pre_start(
-        &self,
-        _myself: ActorRef<ConnectionMsg>,
-        args: ConnectionArgs,
-    ) -> Result<ConnectionState, ActorProcessingErr> {
-        Ok(ConnectionState {
-            session: args.session,
-            route: args.route,
-            outbox: args.outbox,
-            node: args.node,
-            max_frame: args.max_frame,
-            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            _guard: args.guard,
-        })
-    }
-
-    async fn handle(
-        &self,
-        myself: ActorRef<ConnectionMsg>,
-        message: ConnectionMsg,
-        state: &mut ConnectionState,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            ConnectionMsg::Frame(Message::Binary(bytes)) => state.frame(&bytes),
-            ConnectionMsg::Frame(_) => state.event(Event::Error {
-                code: ErrorCode::BadRequest,
-                message: "text frames are not part of the protocol: send binary MessagePack frames"
-                    .into(),
-            }),
-            ConnectionMsg::Close { code, reason } => {
-                tracing::info!(session = %state.session.id, %reason, "closing the connection");
-                let _ = state.outbox.send(Outgoing::Close {
-                    code,
-                    close: 1008,
-                    reason: reason.clone(),
-                });
-                myself.stop(Some(reason));
-            }
-        }
-        Ok(())
-    }
-
-    /// The ping actor is a linked child; its end must not end the
-    /// connection by itself (the default would): the connection closes
-    /// through `Close`, with a reason.
-    async fn handle_supervisor_evt(
-        &self,
-        _myself: ActorRef<ConnectionMsg>,
-        event: ractor::SupervisionEvent,
-        state: &mut ConnectionState,
-    ) -> Result<(), ActorProcessingErr> {
-        if let ractor::SupervisionEvent::ActorFailed(_, err) = event {
-            tracing::warn!(session = %state.session.id, error = %err, "the ping actor failed");
-        }
-        Ok(())
-    }
-}
-
-impl ConnectionState {
+impl Connection {
     fn event(&self, event: Event) {
         let _ = self.outbox.send(Outgoing::Frame(encode(&event)));
     }
@@ -713,6 +678,7 @@ impl ConnectionState {
         }
     }
 
+    /// Decodes one binary frame and sends its op on, or answers it.
     fn frame(&mut self, bytes: &[u8]) {
         let (id, op) = match decode(bytes, self.max_frame) {
             Err((id, err)) => return self.answer(id, err),
@@ -757,7 +723,6 @@ pub struct PingActor;
 pub struct PingArgs {
     interval: Duration,
     outbox: Outbox,
-    connection: ActorRef<ConnectionMsg>,
 }
 
 #[derive(ractor_cluster::RactorMessage)]
@@ -768,7 +733,6 @@ pub enum PingMsg {
 
 pub struct PingState {
     outbox: Outbox,
-    connection: ActorRef<ConnectionMsg>,
     unanswered: u32,
 }
 
@@ -785,25 +749,30 @@ impl Actor for PingActor {
         myself.send_interval(args.interval, || PingMsg::Tick);
         Ok(PingState {
             outbox: args.outbox,
-            connection: args.connection,
             unanswered: 0,
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<PingMsg>,
+        myself: ActorRef<PingMsg>,
         message: PingMsg,
         state: &mut PingState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
             PingMsg::Pong => state.unanswered = 0,
             PingMsg::Tick => {
+                if state.outbox.is_closed() {
+                    // The socket is gone (its task ended without stopping us).
+                    myself.stop(None);
+                    return Ok(());
+                }
                 if state.unanswered >= MISSED_PONGS {
-                    // Once: the connection closes the socket and stops us.
+                    // Once: the socket task closes the socket and stops us.
                     if state.unanswered == MISSED_PONGS {
-                        let _ = state.connection.cast(ConnectionMsg::Close {
+                        let _ = state.outbox.send(Outgoing::Close {
                             code: ErrorCode::Unavailable,
+                            close: 1008,
                             reason: format!("no answer to {MISSED_PONGS} pings; reconnect"),
                         });
                         state.unanswered += 1;
