@@ -1103,12 +1103,36 @@ async fn every_bad_path_is_refused(db: TestDb) {
     let outside = tempfile::tempdir().expect("outside");
     std::fs::write(outside.path().join("secret"), b"secret").expect("secret");
     std::os::unix::fs::symlink(outside.path(), dir.join("link")).expect("symlink");
-    for path in ["link/secret", "link"] {
+    std::os::unix::fs::symlink(outside.path().join("secret"), dir.join("file-link"))
+        .expect("file symlink");
+    for path in ["link/secret", "link", "file-link"] {
         assert_eq!(
             read(&workspace, "ada", path).await.expect_err(path).code,
             ErrorCode::BadRequest
         );
     }
+    // A directory is not read; a FIFO is not part of the tree (and reading
+    // it does not hang the workspace).
+    std::fs::create_dir(dir.join("plain-dir")).expect("dir");
+    assert_eq!(
+        read(&workspace, "ada", "plain-dir")
+            .await
+            .expect_err("dir")
+            .code,
+        ErrorCode::BadRequest
+    );
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join("pipe"))
+        .status()
+        .expect("mkfifo");
+    assert!(made.success(), "mkfifo");
+    assert_eq!(
+        read(&workspace, "ada", "pipe")
+            .await
+            .expect_err("fifo")
+            .code,
+        ErrorCode::NotFound
+    );
     assert_eq!(
         write(&workspace, "ada", "link/new", b"x", None)
             .await

@@ -10,8 +10,6 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use git2::{ObjectType, Oid};
-
 use super::paths::WorkPath;
 use crate::protocol::{EntryKind, OpError, TreeEntry};
 
@@ -30,11 +28,17 @@ pub struct Files {
     next_tmp: u64,
 }
 
-/// The version (git blob id) of some content.
+/// The version (git blob id) of some content: the SHA-1 of `blob <len>\0`
+/// and the content, as git computes it. Plain SHA-1 rather than libgit2's
+/// collision-detecting one: about three times faster, the same id for any
+/// content that is not a crafted SHA-1 collision (a version only tells
+/// edits apart; git itself still stores objects with its own hash).
 pub fn version_of(content: &[u8]) -> String {
-    Oid::hash_object(ObjectType::Blob, content)
-        .map(|oid| oid.to_string())
-        .unwrap_or_default()
+    use sha1::{Digest, Sha1};
+    let mut hasher = Sha1::new();
+    hasher.update(format!("blob {}\0", content.len()).as_bytes());
+    hasher.update(content);
+    hex::encode(hasher.finalize())
 }
 
 fn io_error(context: &str, path: &WorkPath, err: io::Error) -> OpError {
@@ -177,29 +181,64 @@ impl Files {
     }
 
     /// A file's content and version.
+    ///
+    /// The hot path of the protocol, so it costs four system calls: the
+    /// file is opened without following a symbolic link in its last
+    /// component (the directories on the way are checked by
+    /// [`WorkPath::resolve_parents`]), then inspected, read and closed
+    /// through that one descriptor. The version comes from the cache.
     pub fn read(&mut self, path: &WorkPath) -> Result<(Vec<u8>, String), OpError> {
-        let on_disk = path.resolve(&self.root)?;
-        match Self::kind_of(&on_disk).map_err(|e| io_error("reading", path, e))? {
-            None => return Err(OpError::not_found(format!("{path:?} does not exist"))),
-            Some(EntryKind::Dir) => {
-                return Err(OpError::bad_request(format!(
-                    "{path:?} is a directory: use list_tree"
-                )));
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let on_disk = path.resolve_parents(&self.root)?;
+        let not_found = || OpError::not_found(format!("{path:?} does not exist"));
+        // O_NONBLOCK: opening a FIFO someone left in the tree must not hang.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&on_disk);
+        let mut file = match opened {
+            Ok(file) => file,
+            Err(err) if err.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(WorkPath::symlink_refused(path.as_str()));
             }
-            Some(EntryKind::File) => {}
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
+            {
+                return Err(not_found());
+            }
+            Err(err) => return Err(io_error("reading", path, err)),
+        };
+        let meta = file.metadata().map_err(|e| io_error("reading", path, e))?;
+        if meta.is_dir() {
+            return Err(OpError::bad_request(format!(
+                "{path:?} is a directory: use list_tree"
+            )));
         }
-        let size = std::fs::metadata(&on_disk)
-            .map_err(|e| io_error("reading", path, e))?
-            .len();
+        if !meta.is_file() {
+            return Err(not_found()); // specials are not part of the tree
+        }
+        let size = meta.len();
         if size > self.limits.max_read {
             return Err(OpError::too_large(format!(
                 "{path:?} is {size} bytes; the most a read returns is {}",
                 self.limits.max_read
             )));
         }
-        let content = std::fs::read(&on_disk).map_err(|e| io_error("reading", path, e))?;
-        let version = version_of(&content);
-        self.versions.insert(path.to_string(), version.clone());
+        let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
+        file.read_to_end(&mut content)
+            .map_err(|e| io_error("reading", path, e))?;
+        let version = match self.versions.get(path.as_str()) {
+            Some(version) => version.clone(),
+            None => {
+                let version = version_of(&content);
+                self.versions.insert(path.to_string(), version.clone());
+                version
+            }
+        };
         Ok((content, version))
     }
 
@@ -418,5 +457,18 @@ impl Files {
     pub fn apply_make_dir(&mut self, path: &WorkPath) -> Result<(), OpError> {
         let on_disk = path.resolve(&self.root)?;
         std::fs::create_dir_all(&on_disk).map_err(|e| io_error("creating", path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::version_of;
+
+    #[test]
+    fn versions_are_git_blob_ids() {
+        for content in [&b""[..], b"hello\n", &[0u8; 5000][..], "ünïcode".as_bytes()] {
+            let git = git2::Oid::hash_object(git2::ObjectType::Blob, content).expect("hash");
+            assert_eq!(version_of(content), git.to_string());
+        }
     }
 }
