@@ -279,6 +279,16 @@ async fn main() {
     let mut reader = op_socket(&base, &token, project, "main".into()).await;
     let echo_frame = Message::Binary(small.clone().into());
     let (mut echo_rtt, mut read_rtt, mut client_rtt) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ping_rtt = Vec::new();
+    let ping_frame = |id: u64| {
+        let mut frame = Vec::new();
+        let _ = rmp::encode::write_map_len(&mut frame, 2);
+        let _ = rmp::encode::write_str(&mut frame, "id");
+        let _ = rmp::encode::write_uint(&mut frame, id);
+        let _ = rmp::encode::write_str(&mut frame, "op");
+        let _ = rmp::encode::write_str(&mut frame, "ping");
+        Message::Binary(frame.into())
+    };
     let mut id = 0u64;
     for round in 0..60 {
         let keep = round >= 10; // the first rounds warm up
@@ -309,6 +319,15 @@ async fn main() {
         }
         for _ in 0..100 {
             let started = Instant::now();
+            reader.send(ping_frame(id + 1)).await.expect("ping send");
+            read_reply(&mut reader, id + 1).await;
+            id += 1;
+            if keep {
+                ping_rtt.push(started.elapsed());
+            }
+        }
+        for _ in 0..100 {
+            let started = Instant::now();
             let reply = client
                 .request(Op::ReadFile {
                     path: "small.txt".into(),
@@ -334,6 +353,10 @@ async fn main() {
         ("echo 1 KiB, one socket", &mut echo_rtt),
         ("read_file 1 KiB, one socket", &mut read_rtt),
         (
+            "ping (answered by the connection), one socket",
+            &mut ping_rtt,
+        ),
+        (
             "read_file 1 KiB, through branchd::client::Client",
             &mut client_rtt,
         ),
@@ -356,7 +379,7 @@ async fn main() {
     );
     report.ratio(
         "read through Client / echo (p50)",
-        medians[2] / medians[0],
+        medians[3] / medians[0],
         None,
     );
     drop(reader);
@@ -373,7 +396,7 @@ async fn main() {
             .expect("branch");
     }
     let branch_of = |i: usize| {
-        if i % BRANCHES == 0 {
+        if i.is_multiple_of(BRANCHES) {
             "main".to_string()
         } else {
             format!("b{}", i % BRANCHES)

@@ -228,9 +228,18 @@ impl Files {
                 self.limits.max_read
             )));
         }
-        let mut content = Vec::with_capacity(usize::try_from(size).unwrap_or(0).saturating_add(1));
-        file.read_to_end(&mut content)
+        // Only this actor changes the file, so its size is exact: one read
+        // fills the buffer (a short read, from whatever cause, is finished
+        // by `read_to_end`).
+        let mut content = vec![0; usize::try_from(size).unwrap_or(0)];
+        let filled = file
+            .read(&mut content)
             .map_err(|e| io_error("reading", path, e))?;
+        if filled < content.len() {
+            content.truncate(filled);
+            file.read_to_end(&mut content)
+                .map_err(|e| io_error("reading", path, e))?;
+        }
         let version = match self.versions.get(path.as_str()) {
             Some(version) => version.clone(),
             None => {
