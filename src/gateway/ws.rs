@@ -388,7 +388,6 @@ async fn write_queued(
     }
 }
 
-/// Writes an `error` event and a close frame, best effort.
 /// Whether reading failed because a frame or message was over the
 /// WebSocket layer's size limit (the socket can still say why it closes).
 fn too_big(err: &axum::Error) -> bool {
@@ -402,6 +401,7 @@ fn too_big(err: &axum::Error) -> bool {
     false
 }
 
+/// Writes an `error` event and a close frame, best effort.
 async fn close_with(sink: &mut Sink, code: ErrorCode, close: u16, reason: &str) {
     let event = encode(&Event::Error {
         code,
