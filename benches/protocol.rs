@@ -280,15 +280,7 @@ async fn main() {
     let echo_frame = Message::Binary(small.clone().into());
     let (mut echo_rtt, mut read_rtt, mut client_rtt) = (Vec::new(), Vec::new(), Vec::new());
     let mut ping_rtt = Vec::new();
-    let ping_frame = |id: u64| {
-        let mut frame = Vec::new();
-        let _ = rmp::encode::write_map_len(&mut frame, 2);
-        let _ = rmp::encode::write_str(&mut frame, "id");
-        let _ = rmp::encode::write_uint(&mut frame, id);
-        let _ = rmp::encode::write_str(&mut frame, "op");
-        let _ = rmp::encode::write_str(&mut frame, "ping");
-        Message::Binary(frame.into())
-    };
+    let ping_frame = |id: u64| Message::Binary(branchd::protocol::ping_frame(id).into());
     let mut id = 0u64;
     for round in 0..60 {
         let keep = round >= 10; // the first rounds warm up

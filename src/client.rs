@@ -206,13 +206,7 @@ impl Client {
     /// `ping`: the server tag of the node this socket is on.
     pub async fn ping(&self) -> Result<String, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let mut frame = Vec::new();
-        let _ = rmp::encode::write_map_len(&mut frame, 2);
-        let _ = rmp::encode::write_str(&mut frame, "id");
-        let _ = rmp::encode::write_uint(&mut frame, id);
-        let _ = rmp::encode::write_str(&mut frame, "op");
-        let _ = rmp::encode::write_str(&mut frame, "ping");
-        let ok = self.exchange(id, frame).await?;
+        let ok = self.exchange(id, crate::protocol::ping_frame(id)).await?;
         ok["node"]
             .as_str()
             .map(str::to_string)

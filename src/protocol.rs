@@ -605,6 +605,19 @@ impl Reply {
 #[error("wire format: {0}")]
 pub struct WireError(pub String);
 
+/// Encodes a `ping` request frame, `{id, op: "ping"}` (not an [`Op`]:
+/// the connection answers it without a workspace).
+pub fn ping_frame(id: u64) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(16);
+    // Writing to a Vec cannot fail.
+    let _ = rmp::encode::write_map_len(&mut frame, 2);
+    let _ = rmp::encode::write_str(&mut frame, "id");
+    let _ = rmp::encode::write_uint(&mut frame, id);
+    let _ = rmp::encode::write_str(&mut frame, "op");
+    let _ = rmp::encode::write_str(&mut frame, "ping");
+    frame
+}
+
 /// Encodes a request frame: `op`'s named map with `id` added first.
 pub fn request_frame(id: u64, op: &Op) -> Result<Vec<u8>, WireError> {
     let encoded = rmp_serde::to_vec_named(op).map_err(|e| WireError(e.to_string()))?;
