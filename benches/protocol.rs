@@ -192,14 +192,7 @@ where
             })
         })
         .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.expect("connection task"));
-    }
-    Run {
-        latencies,
-        elapsed: started.elapsed(),
-    }
+    finish(started, tasks).await
 }
 
 /// The mixed load again, through `branchd::client::Client` (its reader
@@ -217,11 +210,7 @@ async fn drive_clients(clients: &[Arc<Client>], small: &[u8]) -> Run {
                 let mut in_flight = FuturesUnordered::new();
                 let next = |n: u64| {
                     let c = c.clone();
-                    let op = if n % 5 == 4 {
-                        write_op(i, &small)
-                    } else {
-                        read_op(i)
-                    };
+                    let op = mixed_op(i, n, &small);
                     async move {
                         let t = Instant::now();
                         c.request(op).await.expect("op");
@@ -244,13 +233,29 @@ async fn drive_clients(clients: &[Arc<Client>], small: &[u8]) -> Run {
             })
         })
         .collect();
+    finish(started, tasks).await
+}
+
+/// Waits for every connection's task: their latencies, and the wall time
+/// since `started`.
+async fn finish(started: Instant, tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>) -> Run {
     let mut latencies = Vec::new();
     for task in tasks {
-        latencies.extend(task.await.expect("client task"));
+        latencies.extend(task.await.expect("connection task"));
     }
     Run {
         latencies,
         elapsed: started.elapsed(),
+    }
+}
+
+/// Request `n` of connection `connection` in the mixed load: every fifth
+/// one writes, the others read.
+fn mixed_op(connection: usize, n: u64, content: &[u8]) -> Op {
+    if n % 5 == 4 {
+        write_op(connection, content)
+    } else {
+        read_op(connection)
     }
 }
 
@@ -431,14 +436,7 @@ async fn main() {
         (0..CONNECTIONS).map(|i| op_socket(&base, &token, project, branch_of(i))),
         {
             let small = small.clone();
-            move |i, n| {
-                let op = if n % 5 == 4 {
-                    write_op(i, &small)
-                } else {
-                    read_op(i)
-                };
-                op_frame(n, op)
-            }
+            move |i, n| op_frame(n, mixed_op(i, n, &small))
         },
     )
     .await;
