@@ -332,20 +332,33 @@ impl SqlStore {
     /// it: the last one to run always writes the true count.
     async fn recount(&self, key: &WorkspaceKey) -> StoreResult<i64> {
         let mut tx = self.begin_write().await?;
+        let count = self.recount_in(&mut tx, key).await?;
+        tx.commit().await?;
+        Ok(count)
+    }
+
+    /// [`Self::recount`] inside a caller's write transaction, so a session
+    /// row and the count that includes it commit together: no reader ever
+    /// sees one without the other.
+    async fn recount_in(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        key: &WorkspaceKey,
+    ) -> StoreResult<i64> {
         sqlx::query(self.dialect.sql(
             "SELECT epoch FROM git_actor_sessions WHERE project_id = $1 AND branch = $2\
              {update_lock}",
         ))
         .bind(key.project_id)
         .bind(key.branch.as_str())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         let count: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM websocket_sessions WHERE project_id = $1 AND branch = $2",
         )
         .bind(key.project_id)
         .bind(key.branch.as_str())
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
         sqlx::query(self.dialect.sql(
             "UPDATE git_actor_sessions SET \
@@ -357,9 +370,8 @@ impl SqlStore {
         .bind(key.project_id)
         .bind(key.branch.as_str())
         .bind(count)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
         Ok(count)
     }
 
@@ -1032,6 +1044,7 @@ impl Store for SqlStore {
     }
 
     async fn attach_session(&self, session: &WsSession) -> StoreResult<i64> {
+        let mut tx = self.begin_write().await?;
         sqlx::query(self.dialect.sql(
             "INSERT INTO websocket_sessions \
                (id, user_id, project_id, branch, server_tag, connected_at) \
@@ -1042,24 +1055,28 @@ impl Store for SqlStore {
         .bind(session.key.project_id)
         .bind(session.key.branch.as_str())
         .bind(session.server_tag.as_str())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(|e| unique_violation(e, || format!("session {:?} already exists", session.id)))?;
-        self.recount(&session.key).await
+        let count = self.recount_in(&mut tx, &session.key).await?;
+        tx.commit().await?;
+        Ok(count)
     }
 
     async fn detach_session(&self, id: &str) -> StoreResult<Option<(WorkspaceKey, i64)>> {
+        let mut tx = self.begin_write().await?;
         let row = sqlx::query(
             "DELETE FROM websocket_sessions WHERE id = $1 RETURNING project_id, branch",
         )
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
             return Ok(None);
         };
         let key = key(&row)?;
-        let count = self.recount(&key).await?;
+        let count = self.recount_in(&mut tx, &key).await?;
+        tx.commit().await?;
         Ok(Some((key, count)))
     }
 
