@@ -588,18 +588,63 @@ enum Decoded {
     Op { id: u64, op: Op },
 }
 
-/// A frame's id if it has a usable one.
-fn frame_id(map: &[(rmpv::Value, rmpv::Value)]) -> Result<Option<u64>, OpError> {
-    match map.iter().find(|(k, _)| k.as_str() == Some("id")) {
-        None => Ok(None),
-        Some((_, value)) => value
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| OpError::bad_request("id must be an unsigned integer")),
+/// What [`decode`] reads of a frame before the op itself: its id and op
+/// name, as found (their types are checked after), every other field
+/// skipped unread. Reading the frame straight into its [`Op`] afterwards
+/// (borrowing strings and bytes from the frame) spares the tree of
+/// `rmpv::Value`s this used to build and copy for every request.
+#[derive(Default)]
+struct Head<'a> {
+    id: Option<rmpv::ValueRef<'a>>,
+    op: Option<rmpv::ValueRef<'a>>,
+}
+
+/// The text of a [`Head`] decoding error for a frame that is MessagePack
+/// but not a map.
+const NOT_A_MAP: &str = "a frame map";
+
+impl<'de> Deserialize<'de> for Head<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = Head<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(NOT_A_MAP)
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Head<'de>, A::Error> {
+                let mut head = Head::default();
+                while let Some(key) = map.next_key::<rmpv::ValueRef<'de>>()? {
+                    match text(&key) {
+                        Some("id") => head.id = Some(map.next_value()?),
+                        Some("op") => head.op = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<serde::de::IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(head)
+            }
+        }
+        deserializer.deserialize_map(Fields)
     }
 }
 
-/// Decodes a binary frame; an error comes with the id to answer, if any.
+/// A MessagePack string's text.
+fn text<'v>(value: &'v rmpv::ValueRef) -> Option<&'v str> {
+    match value {
+        rmpv::ValueRef::String(s) => s.as_str(),
+        _ => None,
+    }
+}
+
+/// Decodes one request frame: `Ping` is answered by the connection itself;
+/// anything wrong comes back as the error to answer with (and the frame's
+/// id, when it had a usable one).
 fn decode(bytes: &[u8], max_frame: u64) -> Result<Decoded, (Option<u64>, OpError)> {
     if bytes.len() as u64 > max_frame {
         #[derive(Deserialize)]
@@ -617,25 +662,27 @@ fn decode(bytes: &[u8], max_frame: u64) -> Result<Decoded, (Option<u64>, OpError
             )),
         ));
     }
-    let value: rmpv::Value = rmp_serde::from_slice(bytes).map_err(|e| {
-        (
-            None,
-            OpError::bad_request(format!("the frame is not valid MessagePack: {e}")),
-        )
+    let head: Head = rmp_serde::from_slice(bytes).map_err(|e| {
+        let message = if e.to_string().contains(NOT_A_MAP) {
+            "a frame must be a MessagePack map with named fields".to_string()
+        } else {
+            format!("the frame is not valid MessagePack: {e}")
+        };
+        (None, OpError::bad_request(message))
     })?;
-    let rmpv::Value::Map(map) = value else {
-        return Err((
-            None,
-            OpError::bad_request("a frame must be a MessagePack map with named fields"),
-        ));
+    let id = match head.id {
+        None => None,
+        Some(value) => Some(
+            value
+                .as_u64()
+                .ok_or_else(|| (None, OpError::bad_request("id must be an unsigned integer")))?,
+        ),
     };
-    let id = frame_id(&map).map_err(|e| (None, e))?;
-    let op = match map.iter().find(|(k, _)| k.as_str() == Some("op")) {
+    let op = match head.op {
         None => return Err((id, OpError::bad_request("the frame has no op"))),
-        Some((_, op)) => op
-            .as_str()
-            .ok_or_else(|| (id, OpError::bad_request("op must be a string")))?
-            .to_string(),
+        Some(ref op) => {
+            text(op).ok_or_else(|| (id, OpError::bad_request("op must be a string")))?
+        }
     };
     let Some(id) = id else {
         return Err((
@@ -648,7 +695,7 @@ fn decode(bytes: &[u8], max_frame: u64) -> Result<Decoded, (Option<u64>, OpError
     if op == "ping" {
         return Ok(Decoded::Ping { id });
     }
-    let op: Op = rmpv::ext::from_value(rmpv::Value::Map(map)).map_err(|e| {
+    let decoded: Op = rmp_serde::from_slice(bytes).map_err(|e| {
         let detail = e.to_string();
         let message = if detail.contains("unknown variant") {
             format!("unknown op {op:?}; docs/protocol.md lists the ops")
@@ -657,7 +704,7 @@ fn decode(bytes: &[u8], max_frame: u64) -> Result<Decoded, (Option<u64>, OpError
         };
         (Some(id), OpError::bad_request(message))
     })?;
-    Ok(Decoded::Op { id, op })
+    Ok(Decoded::Op { id, op: decoded })
 }
 
 impl Connection {
@@ -786,5 +833,80 @@ impl Actor for PingActor {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::request_frame;
+
+    const LIMIT: u64 = 1 << 20;
+
+    fn error_of(bytes: &[u8]) -> (Option<u64>, String) {
+        match decode(bytes, LIMIT) {
+            Err((id, err)) => (id, err.message),
+            Ok(_) => panic!("expected an error"),
+        }
+    }
+
+    #[test]
+    fn a_request_decodes_to_its_op_with_its_bytes_intact() {
+        let op = Op::WriteFile {
+            path: "a/b.txt".into(),
+            content: vec![0, 1, 2, 255],
+            base_version: Some("v1".into()),
+            force: false,
+        };
+        let frame = request_frame(7, &op).expect("encode");
+        match decode(&frame, LIMIT) {
+            Ok(Decoded::Op { id, op: decoded }) => {
+                assert_eq!(id, 7);
+                assert_eq!(decoded, op);
+            }
+            _ => panic!("expected the op back"),
+        }
+        assert!(matches!(
+            decode(&crate::protocol::ping_frame(3), LIMIT),
+            Ok(Decoded::Ping { id: 3 })
+        ));
+    }
+
+    #[test]
+    fn each_malformed_frame_is_named_for_what_is_wrong() {
+        let msgpack = |v: serde_json::Value| rmp_serde::to_vec_named(&v).expect("encode");
+        let (id, message) = error_of(&[0xc1]);
+        assert_eq!(id, None);
+        assert!(message.contains("not valid MessagePack"), "{message}");
+        let (_, message) = error_of(&msgpack(serde_json::json!([1, 2])));
+        assert!(message.contains("must be a MessagePack map"), "{message}");
+        let (id, message) = error_of(&msgpack(serde_json::json!({"id": -1, "op": "save"})));
+        assert_eq!(id, None);
+        assert!(message.contains("unsigned integer"), "{message}");
+        let (id, message) = error_of(&msgpack(serde_json::json!({"op": "save"})));
+        assert_eq!(id, None);
+        assert!(message.contains("the save request has no id"), "{message}");
+        let (id, message) = error_of(&msgpack(serde_json::json!({"id": 4, "op": "fly"})));
+        assert_eq!(id, Some(4));
+        assert!(message.contains("unknown op \"fly\""), "{message}");
+        let (id, message) = error_of(&msgpack(
+            serde_json::json!({"id": 5, "op": "read_file", "path": 3}),
+        ));
+        assert_eq!(id, Some(5));
+        assert!(
+            message.starts_with("bad arguments for read_file"),
+            "{message}"
+        );
+        // Fields a request does not know are skipped, as before.
+        assert!(matches!(
+            decode(
+                &msgpack(serde_json::json!({"id": 6, "op": "lock", "x": [1]})),
+                LIMIT
+            ),
+            Ok(Decoded::Op {
+                id: 6,
+                op: Op::Lock { ttl_ms: None }
+            })
+        ));
     }
 }
