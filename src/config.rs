@@ -136,6 +136,11 @@ pub struct Config {
     #[arg(long, env = "BRANCHD_MAX_FILE", default_value = "8MiB", value_parser = parse_size)]
     pub max_file: u64,
 
+    /// Memory for the contents of small files (64 KiB or less) recently
+    /// read or written, per workspace with clients; 0 turns it off.
+    #[arg(long, env = "BRANCHD_FILE_CACHE", default_value = "4MiB", value_parser = parse_size)]
+    pub file_cache: u64,
+
     /// Largest working copy (unpacked) a snapshot may hold.
     #[arg(long, env = "BRANCHD_MAX_WORKSPACE", default_value = "1GiB", value_parser = parse_size)]
     pub max_workspace: u64,

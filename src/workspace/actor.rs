@@ -68,6 +68,7 @@ impl WorkspaceSettings {
             files: FileLimits {
                 max_file: config.max_file,
                 max_read: config.max_frame.saturating_sub(4096),
+                cache_bytes: config.file_cache,
             },
             max_path: config.max_path,
             max_workspace: config.max_workspace,
@@ -577,6 +578,11 @@ impl WorkspaceState {
     fn detach(&mut self, session: &SessionId) {
         if self.sessions.remove(session).is_none() {
             return;
+        }
+        if self.sessions.is_empty() {
+            // Nobody reads here until someone comes back: an idle
+            // workspace keeps no file contents in memory.
+            self.files.release_cache();
         }
         self.announce_presence();
         if self

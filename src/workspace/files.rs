@@ -5,6 +5,12 @@
 //! doing every change through [`Files`]; only the workspace actor owns one.
 //! Writes land through a temp file in `.git/branchd/tmp` and a rename, so a
 //! file is never seen half-written.
+//!
+//! The contents of small files recently read or written are kept too
+//! ([`FileCache`]), within a byte budget per working copy, so that a read
+//! of a hot file costs no system call. Same rule as the versions: exact
+//! because every change goes through here; never a file changed behind
+//! `Files`' back.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,11 +19,91 @@ use std::path::{Path, PathBuf};
 use super::paths::WorkPath;
 use crate::protocol::{EntryKind, OpError, TreeEntry};
 
-/// Size limits on what clients may write and read.
+/// Size limits on what clients may write and read, and the memory a
+/// working copy may use to keep file contents.
 #[derive(Debug, Clone, Copy)]
 pub struct FileLimits {
     pub max_file: u64,
     pub max_read: u64,
+    /// Bytes of file contents kept in memory per working copy (0: none).
+    pub cache_bytes: u64,
+}
+
+/// Largest file whose content is kept in memory: the cache is for the many
+/// small source files an editor reads again and again, not for big ones,
+/// which one read would let push everything else out.
+const CACHE_MAX_FILE: usize = 64 * 1024;
+
+/// Contents of small files by path, within a byte budget. When a new entry
+/// does not fit, entries are dropped in the map's own (arbitrary) order
+/// until it does: random replacement, which needs no bookkeeping per read
+/// and does well enough when the hot set fits the budget, the case it is
+/// for.
+struct FileCache {
+    budget: usize,
+    used: usize,
+    contents: HashMap<String, Vec<u8>>,
+}
+
+impl FileCache {
+    fn get(&self, path: &str) -> Option<&Vec<u8>> {
+        self.contents.get(path)
+    }
+
+    fn insert(&mut self, path: &str, content: &[u8]) {
+        self.remove(path);
+        if content.len() > CACHE_MAX_FILE || content.len() > self.budget {
+            return;
+        }
+        while self.used + content.len() > self.budget {
+            let Some(victim) = self.contents.keys().next().cloned() else {
+                break;
+            };
+            self.remove(&victim);
+        }
+        self.used += content.len();
+        self.contents.insert(path.to_string(), content.to_vec());
+    }
+
+    fn remove(&mut self, path: &str) {
+        if let Some(old) = self.contents.remove(path) {
+            self.used -= old.len();
+        }
+    }
+
+    /// Drops `path` and everything below it (everything, for the root).
+    fn forget(&mut self, path: &WorkPath) {
+        let below = format!("{path}/");
+        let used = &mut self.used;
+        self.contents.retain(|p, content| {
+            let keep = !(path.is_root() || p == path.as_str() || p.starts_with(&below));
+            if !keep {
+                *used -= content.len();
+            }
+            keep
+        });
+    }
+
+    /// Moves the entries of `from` (and below) to `to`.
+    fn rename(&mut self, from: &WorkPath, to: &WorkPath) {
+        let below = format!("{from}/");
+        let moved: Vec<(String, Vec<u8>)> = self
+            .contents
+            .iter()
+            .filter(|(p, _)| p.as_str() == from.as_str() || p.starts_with(&below))
+            .map(|(p, c)| (format!("{to}{}", &p[from.as_str().len()..]), c.clone()))
+            .collect();
+        self.forget(from);
+        for (path, content) in moved {
+            self.used += content.len();
+            self.contents.insert(path, content);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.contents = HashMap::new();
+        self.used = 0;
+    }
 }
 
 pub struct Files {
@@ -25,6 +111,7 @@ pub struct Files {
     tmp: PathBuf,
     limits: FileLimits,
     versions: HashMap<String, String>,
+    cache: FileCache,
     next_tmp: u64,
 }
 
@@ -62,15 +149,32 @@ impl Files {
             tmp,
             limits,
             versions: HashMap::new(),
+            cache: FileCache {
+                budget: usize::try_from(limits.cache_bytes).unwrap_or(usize::MAX),
+                used: 0,
+                contents: HashMap::new(),
+            },
             next_tmp: 0,
         })
     }
 
-    /// Forgets cached versions of `path` and everything below it.
+    /// Forgets cached versions and contents of `path` and everything below it.
     pub fn forget(&mut self, path: &WorkPath) {
         let below = format!("{path}/");
         self.versions
             .retain(|p, _| !(path.is_root() || p == path.as_str() || p.starts_with(&below)));
+        self.cache.forget(path);
+    }
+
+    /// Gives back the memory of kept file contents (the workspace has no
+    /// client left); reads fill it again.
+    pub fn release_cache(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Bytes of file contents kept in memory.
+    pub fn cached_bytes(&self) -> usize {
+        self.cache.used
     }
 
     fn kind_of(on_disk: &Path) -> io::Result<Option<EntryKind>> {
@@ -103,6 +207,11 @@ impl Files {
     /// The current version of a file; `None` if nothing is there, an error
     /// if a directory is.
     pub fn version(&mut self, path: &WorkPath) -> Result<Option<String>, OpError> {
+        // A cached version is of a regular file that is there (the cache
+        // is exact): nothing to ask the disk.
+        if let Some(version) = self.versions.get(path.as_str()) {
+            return Ok(Some(version.clone()));
+        }
         let on_disk = path.resolve(&self.root)?;
         match Self::kind_of(&on_disk).map_err(|e| io_error("reading", path, e))? {
             None => Ok(None),
@@ -190,6 +299,15 @@ impl Files {
     pub fn read(&mut self, path: &WorkPath) -> Result<(Vec<u8>, String), OpError> {
         use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
+        // A kept content is the file as it is: it was read from or written
+        // to it through here, and nothing else changes it. Every entry is
+        // far below `max_read`.
+        if let (Some(content), Some(version)) = (
+            self.cache.get(path.as_str()),
+            self.versions.get(path.as_str()),
+        ) {
+            return Ok((content.clone(), version.clone()));
+        }
         let on_disk = path.resolve_parents(&self.root)?;
         let not_found = || OpError::not_found(format!("{path:?} does not exist"));
         // O_NONBLOCK: opening a FIFO someone left in the tree must not hang.
@@ -248,6 +366,7 @@ impl Files {
                 version
             }
         };
+        self.cache.insert(path.as_str(), &content);
         Ok((content, version))
     }
 
@@ -307,12 +426,15 @@ impl Files {
         let staged = self.tmp.join(format!("write-{}", self.next_tmp));
         self.next_tmp += 1;
         std::fs::write(&staged, content).map_err(|e| io_error("writing", path, e))?;
-        std::fs::rename(&staged, path.resolve(&self.root)?).map_err(|e| {
+        // The last component is not checked for a link: rename replaces a
+        // link there rather than following it.
+        std::fs::rename(&staged, path.resolve_parents(&self.root)?).map_err(|e| {
             let _ = std::fs::remove_file(&staged);
             io_error("writing", path, e)
         })?;
         let version = version_of(content);
         self.versions.insert(path.to_string(), version.clone());
+        self.cache.insert(path.as_str(), content);
         Ok(version)
     }
 
@@ -392,6 +514,7 @@ impl Files {
             Some(EntryKind::File) => {
                 std::fs::remove_file(&on_disk).map_err(|e| io_error("deleting", path, e))?;
                 self.versions.remove(path.as_str());
+                self.cache.remove(path.as_str());
                 Ok(EntryKind::File)
             }
         }
@@ -437,6 +560,7 @@ impl Files {
             .filter(|(p, _)| p.as_str() == from.as_str() || p.starts_with(&below))
             .map(|(p, v)| (format!("{to}{}", &p[from.as_str().len()..]), v.clone()))
             .collect();
+        self.cache.rename(from, to);
         self.forget(from);
         self.versions.extend(moved);
         Ok(())
@@ -471,7 +595,86 @@ impl Files {
 
 #[cfg(test)]
 mod tests {
-    use super::version_of;
+    use super::*;
+
+    fn files(cache_bytes: u64) -> (tempfile::TempDir, Files) {
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::create_dir_all(dir.path().join(".git")).expect(".git");
+        let limits = FileLimits {
+            max_file: 1 << 20,
+            max_read: 1 << 20,
+            cache_bytes,
+        };
+        let files = Files::open(dir.path(), limits).expect("files");
+        (dir, files)
+    }
+
+    fn path(raw: &str) -> WorkPath {
+        WorkPath::parse(raw, 1024).expect("path")
+    }
+
+    #[test]
+    fn kept_contents_follow_every_change() {
+        let (dir, mut files) = files(1 << 20);
+        files.apply_write(&path("a/x.txt"), b"one").expect("write");
+        assert_eq!(files.cached_bytes(), 3);
+        assert_eq!(files.read(&path("a/x.txt")).expect("read").0, b"one");
+        files.apply_write(&path("a/x.txt"), b"two!").expect("write");
+        assert_eq!(files.read(&path("a/x.txt")).expect("read").0, b"two!");
+        assert_eq!(files.cached_bytes(), 4);
+
+        // A directory moved: its files are read at their new place, and
+        // the old place is gone.
+        files.apply_rename(&path("a"), &path("b")).expect("rename");
+        let (content, version) = files.read(&path("b/x.txt")).expect("read");
+        assert_eq!(
+            (content.as_slice(), version),
+            (&b"two!"[..], version_of(b"two!"))
+        );
+        assert_eq!(
+            files.read(&path("a/x.txt")).expect_err("moved").code,
+            crate::protocol::ErrorCode::NotFound
+        );
+        files.apply_delete(&path("b")).expect("delete");
+        assert_eq!(files.cached_bytes(), 0);
+        assert_eq!(
+            files.read(&path("b/x.txt")).expect_err("deleted").code,
+            crate::protocol::ErrorCode::NotFound
+        );
+
+        // A file read from disk is kept too, and released on request.
+        std::fs::write(dir.path().join("y.txt"), b"from disk").expect("file");
+        assert_eq!(files.read(&path("y.txt")).expect("read").0, b"from disk");
+        assert_eq!(files.cached_bytes(), 9);
+        files.release_cache();
+        assert_eq!(files.cached_bytes(), 0);
+        assert_eq!(files.read(&path("y.txt")).expect("read").0, b"from disk");
+    }
+
+    #[test]
+    fn the_budget_holds_and_big_or_disabled_means_not_kept() {
+        let (_dir, mut files) = files(10_000);
+        for i in 0..50 {
+            files
+                .apply_write(&path(&format!("f{i}")), &[i as u8; 1000])
+                .expect("write");
+            assert!(files.cached_bytes() <= 10_000, "{}", files.cached_bytes());
+        }
+        for i in 0..50 {
+            assert_eq!(
+                files.read(&path(&format!("f{i}"))).expect("read").0,
+                [i as u8; 1000]
+            );
+        }
+        let big = vec![1u8; CACHE_MAX_FILE + 1];
+        let (_dir, mut files) = self::files(1 << 30);
+        files.apply_write(&path("big"), &big).expect("write");
+        assert_eq!(files.cached_bytes(), 0);
+        let (_dir, mut files) = self::files(0);
+        files.apply_write(&path("small"), b"x").expect("write");
+        assert_eq!(files.cached_bytes(), 0);
+        assert_eq!(files.read(&path("small")).expect("read").0, b"x");
+    }
 
     #[test]
     fn versions_are_git_blob_ids() {
