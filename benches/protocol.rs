@@ -4,9 +4,10 @@
 //!   echo of a 1 KiB frame on the same server (`/ws/echo`);
 //! - throughput with 100 connections over 20 branches, 4 requests in flight
 //!   per connection, 5 s a row: echo; `read_file` only; 80 % reads and 20 %
-//!   writes. One driver loop runs all three on raw sockets (it reads only a
-//!   reply's id and skips events), so the rows differ only in what the
-//!   server does. A last row runs the mixed load through
+//!   writes; the same with one connection per branch, so that no write
+//!   has anyone to send an event to. One driver loop runs these on raw
+//!   sockets (it reads only a reply's id and skips events), so the rows
+//!   differ only in what the server does. A last row runs the mixed load through
 //!   `branchd::client::Client`, whose own cost (a reader task, a reply
 //!   channel per request, every event decoded) then shows next to it.
 //!
@@ -426,12 +427,16 @@ async fn main() {
     )
     .await;
     rows.push(("echo 1 KiB", echo));
+    eprintln!("bench: read row starts");
     let reads = drive(
         (0..CONNECTIONS).map(|i| op_socket(&base, &token, project, branch_of(i))),
         |i, n| op_frame(n, read_op(i)),
     )
     .await;
     rows.push(("read_file 1 KiB only", reads));
+    // Marks the row's start for a profiler attached from outside
+    // (docs/performance.md, "Profiling a row").
+    eprintln!("bench: mixed row starts");
     let mixed = drive(
         (0..CONNECTIONS).map(|i| op_socket(&base, &token, project, branch_of(i))),
         {
@@ -441,6 +446,40 @@ async fn main() {
     )
     .await;
     rows.push(("80 % read_file / 20 % write_file (1 KiB)", mixed));
+
+    // The same load with one connection per branch: a write then has no
+    // one to tell, so next to the row above it shows what the four
+    // `file_changed` events of each write cost (four more frames out, and
+    // in, per write).
+    // New branches start from the last commit.
+    for i in 0..CONNECTIONS {
+        client.request(write_op(i, &small)).await.expect("seed");
+    }
+    client
+        .request(Op::GitCommit {
+            message: "every connection's file".into(),
+            paths: None,
+        })
+        .await
+        .expect("commit");
+    for i in 0..CONNECTIONS {
+        client
+            .request(Op::GitCreateBranch {
+                name: format!("solo{i}"),
+            })
+            .await
+            .expect("branch");
+    }
+    eprintln!("bench: solo row starts");
+    let solo = drive(
+        (0..CONNECTIONS).map(|i| op_socket(&base, &token, project, format!("solo{i}"))),
+        {
+            let small = small.clone();
+            move |i, n| op_frame(n, mixed_op(i, n, &small))
+        },
+    )
+    .await;
+    rows.push(("80 % / 20 %, one connection per branch (no events)", solo));
     let clients = connect_all().await;
     let via_client = drive_clients(&clients, &small).await;
     rows.push(("80 % / 20 %, through branchd::client::Client", via_client));
