@@ -118,6 +118,8 @@ async fn an_idle_workspace_is_saved_and_collected_after_the_grace_period(db: Tes
     .await;
     let (workspace, _events) = register(&allocator, &setup.key, "ada").await;
     write(&workspace, "ada", "unsaved.txt", b"keep me").await;
+    let status = allocator.workspaces().await.expect("status");
+    assert_eq!(status[0].file_cache_bytes, 7, "the written file is kept");
     allocator.deregister(&"ada".to_string(), &setup.key).await;
 
     let (count, zeroed, _) = ref_count(&setup, &setup.key).await;
@@ -126,6 +128,7 @@ async fn an_idle_workspace_is_saved_and_collected_after_the_grace_period(db: Tes
     let status = allocator.workspaces().await.expect("status");
     assert!(status[0].gc_deadline.is_some(), "a GC deadline while idle");
     assert!(status[0].dirty);
+    assert_eq!(status[0].file_cache_bytes, 0, "idle, it keeps no contents");
 
     eventually("the idle workspace is collected", || async {
         allocator.get(&setup.key).is_none()

@@ -725,6 +725,7 @@ impl AllocatorState {
                     lock: None,
                     dirty: false,
                     last_activity: None,
+                    file_cache_bytes: 0,
                     restarts: entry.restarts,
                     gc_deadline,
                     failure,

@@ -103,6 +103,8 @@ pub struct WorkspaceStatus {
     pub dirty: bool,
     /// ms since the epoch; absent while not active.
     pub last_activity: Option<i64>,
+    /// Bytes of file contents it keeps in memory; 0 while not active.
+    pub file_cache_bytes: u64,
     /// Restarts after crashes since this node started.
     pub restarts: u32,
     /// When garbage collection will stop it if no session comes (ms since
@@ -370,6 +372,7 @@ impl Allocator {
                 status.lock = info.lock;
                 status.dirty = info.dirty;
                 status.last_activity = Some(info.last_activity);
+                status.file_cache_bytes = info.file_cache_bytes;
             }
             statuses.push(status);
         }

@@ -123,6 +123,8 @@ pub struct WorkspaceInfo {
     pub snapshot_version: i64,
     /// When a session last did something (ms since the epoch).
     pub last_activity: i64,
+    /// Bytes of file contents kept in memory (`BRANCHD_FILE_CACHE`).
+    pub file_cache_bytes: u64,
 }
 
 #[derive(ractor_cluster::RactorMessage)]
@@ -542,6 +544,7 @@ impl WorkspaceState {
             dirty: self.dirty,
             snapshot_version: self.snapshot_version,
             last_activity: self.last_activity,
+            file_cache_bytes: self.files.cached_bytes() as u64,
         }
     }
 

@@ -3,8 +3,8 @@
 //! [`WorkspaceActor`] owns one working copy and does every operation on it,
 //! one message at a time; [`Workspace`] is the handle callers use. Below it,
 //! plain blocking code: [`paths`] (what a client may name), [`files`]
-//! (versioned file operations), [`repo`] (git) and [`snapshot`] (tar.gz in
-//! and out). Only the actor touches the store (snapshots) and it never
+//! (versioned file operations, with hot files' contents kept in memory),
+//! [`repo`] (git) and [`snapshot`] (tar.gz in and out). Only the actor touches the store (snapshots) and it never
 //! knows about sockets or HTTP.
 
 mod actor;
