@@ -136,9 +136,10 @@ pub struct Config {
     #[arg(long, env = "BRANCHD_MAX_FILE", default_value = "8MiB", value_parser = parse_size)]
     pub max_file: u64,
 
-    /// Memory for the contents of small files (64 KiB or less) recently
-    /// read or written, per workspace with clients; 0 turns it off.
-    #[arg(long, env = "BRANCHD_FILE_CACHE", default_value = "4MiB", value_parser = parse_size)]
+    /// Memory of the node for the contents of small files (64 KiB or less)
+    /// recently read or written, at most 4 MiB of it per workspace with
+    /// clients; 0 turns it off.
+    #[arg(long, env = "BRANCHD_FILE_CACHE", default_value = "256MiB", value_parser = parse_size)]
     pub file_cache: u64,
 
     /// Largest working copy (unpacked) a snapshot may hold.

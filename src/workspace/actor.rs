@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 
 use super::events::{self, EventSink};
-use super::files::{FileLimits, Files};
+use super::files::{CachePool, FileLimits, Files};
 use super::journal::{self, JournalOp};
 use super::liveness::Liveness;
 use super::paths::WorkPath;
@@ -57,7 +57,8 @@ pub struct WorkspaceSettings {
     /// Whether this node may still write (self-fencing); shared by the node.
     pub liveness: Liveness,
     /// The compiler, its limits and the node's compile slots (shared by
-    /// every workspace made from these settings).
+    /// every workspace made from these settings, as is the file cache's
+    /// pool in `files`).
     pub compile: CompileSettings,
 }
 
@@ -68,7 +69,7 @@ impl WorkspaceSettings {
             files: FileLimits {
                 max_file: config.max_file,
                 max_read: config.max_frame.saturating_sub(4096),
-                cache_bytes: config.file_cache,
+                cache: CachePool::new(config.file_cache),
             },
             max_path: config.max_path,
             max_workspace: config.max_workspace,
@@ -451,7 +452,7 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
     let data = snapshot.data;
     let replayed = records.len();
     let journal_seq = records.last().map_or(snapshot.meta.journal_seq, |r| r.seq);
-    let limits = settings.files;
+    let limits = settings.files.clone();
     let files = blocking("unpacking the snapshot", move || {
         snapshot::unpack(&data, &path, max_bytes).map_err(|e| match e {
             snapshot::SnapshotError::TooLarge { .. } => OpError::too_large(format!(

@@ -7,26 +7,28 @@
 //! file is never seen half-written.
 //!
 //! The contents of small files recently read or written are kept too
-//! ([`FileCache`]), within a byte budget per working copy, so that a read
-//! of a hot file costs no system call. Same rule as the versions: exact
+//! ([`FileCache`]), within a byte budget per working copy and the node's
+//! [`CachePool`], so that a read of a hot file costs no system call. Same rule as the versions: exact
 //! because every change goes through here; never a file changed behind
 //! `Files`' back.
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::paths::WorkPath;
 use crate::protocol::{EntryKind, OpError, TreeEntry};
 
-/// Size limits on what clients may write and read, and the memory a
-/// working copy may use to keep file contents.
-#[derive(Debug, Clone, Copy)]
+/// Size limits on what clients may write and read, and the memory that
+/// keeps file contents.
+#[derive(Debug, Clone)]
 pub struct FileLimits {
     pub max_file: u64,
     pub max_read: u64,
-    /// Bytes of file contents kept in memory per working copy (0: none).
-    pub cache_bytes: u64,
+    /// Shared by every working copy of the node.
+    pub cache: Arc<CachePool>,
 }
 
 /// Largest file whose content is kept in memory: the cache is for the many
@@ -34,13 +36,53 @@ pub struct FileLimits {
 /// which one read would let push everything else out.
 const CACHE_MAX_FILE: usize = 64 * 1024;
 
+/// Most bytes one working copy keeps, so that a few busy workspaces do not
+/// take the whole pool.
+pub const CACHE_PER_WORKSPACE: usize = 4 * 1024 * 1024;
+
+/// The node's memory for kept file contents (`BRANCHD_FILE_CACHE`): every
+/// working copy reserves what it keeps from here and gives it back when it
+/// drops an entry, releases its cache or stops.
+#[derive(Debug)]
+pub struct CachePool {
+    limit: usize,
+    used: AtomicUsize,
+}
+
+impl CachePool {
+    pub fn new(limit: u64) -> Arc<CachePool> {
+        Arc::new(CachePool {
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// Bytes reserved by every working copy of the node.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn reserve(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
 /// Contents of small files by path, within a byte budget. When a new entry
 /// does not fit, entries are dropped in the map's own (arbitrary) order
 /// until it does: random replacement, which needs no bookkeeping per read
 /// and does well enough when the hot set fits the budget, the case it is
 /// for.
 struct FileCache {
-    budget: usize,
+    pool: Arc<CachePool>,
+    /// Bytes this cache holds (all reserved from the pool).
     used: usize,
     contents: HashMap<String, Vec<u8>>,
 }
@@ -50,24 +92,39 @@ impl FileCache {
         self.contents.get(path)
     }
 
+    /// Drops one entry, any; false if there was none.
+    fn drop_one(&mut self) -> bool {
+        match self.contents.keys().next().cloned() {
+            Some(victim) => {
+                self.remove(&victim);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn insert(&mut self, path: &str, content: &[u8]) {
         self.remove(path);
-        if content.len() > CACHE_MAX_FILE || content.len() > self.budget {
+        let size = content.len();
+        if size > CACHE_MAX_FILE || size > CACHE_PER_WORKSPACE {
             return;
         }
-        while self.used + content.len() > self.budget {
-            let Some(victim) = self.contents.keys().next().cloned() else {
-                break;
-            };
-            self.remove(&victim);
+        while self.used + size > CACHE_PER_WORKSPACE && self.drop_one() {}
+        // Over the node's pool: make room with this cache's own entries;
+        // with none left, the file is simply not kept.
+        while !self.pool.reserve(size) {
+            if !self.drop_one() {
+                return;
+            }
         }
-        self.used += content.len();
+        self.used += size;
         self.contents.insert(path.to_string(), content.to_vec());
     }
 
     fn remove(&mut self, path: &str) {
         if let Some(old) = self.contents.remove(path) {
             self.used -= old.len();
+            self.pool.release(old.len());
         }
     }
 
@@ -75,13 +132,16 @@ impl FileCache {
     fn forget(&mut self, path: &WorkPath) {
         let below = format!("{path}/");
         let used = &mut self.used;
+        let mut freed = 0;
         self.contents.retain(|p, content| {
             let keep = !(path.is_root() || p == path.as_str() || p.starts_with(&below));
             if !keep {
-                *used -= content.len();
+                freed += content.len();
             }
             keep
         });
+        *used -= freed;
+        self.pool.release(freed);
     }
 
     /// Moves the entries of `from` (and below) to `to`.
@@ -95,14 +155,26 @@ impl FileCache {
             .collect();
         self.forget(from);
         for (path, content) in moved {
-            self.used += content.len();
-            self.contents.insert(path, content);
+            // Moved entries give their bytes back and take them again,
+            // so one that no longer fits is just not kept.
+            if self.pool.reserve(content.len()) {
+                self.used += content.len();
+                self.contents.insert(path, content);
+            }
         }
     }
 
     fn clear(&mut self) {
         self.contents = HashMap::new();
+        self.pool.release(self.used);
         self.used = 0;
+    }
+}
+
+impl Drop for FileCache {
+    /// A stopped (or crashed) workspace gives its bytes back to the pool.
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
@@ -144,13 +216,14 @@ impl Files {
             std::fs::remove_dir_all(&tmp)?;
         }
         std::fs::create_dir_all(&tmp)?;
+        let pool = limits.cache.clone();
         Ok(Files {
             root: root.to_path_buf(),
             tmp,
             limits,
             versions: HashMap::new(),
             cache: FileCache {
-                budget: usize::try_from(limits.cache_bytes).unwrap_or(usize::MAX),
+                pool,
                 used: 0,
                 contents: HashMap::new(),
             },
@@ -597,16 +670,20 @@ impl Files {
 mod tests {
     use super::*;
 
-    fn files(cache_bytes: u64) -> (tempfile::TempDir, Files) {
+    fn files_in(pool: &Arc<CachePool>) -> (tempfile::TempDir, Files) {
         let dir = tempfile::tempdir().expect("dir");
         std::fs::create_dir_all(dir.path().join(".git")).expect(".git");
         let limits = FileLimits {
-            max_file: 1 << 20,
-            max_read: 1 << 20,
-            cache_bytes,
+            max_file: 1 << 30,
+            max_read: 1 << 30,
+            cache: pool.clone(),
         };
         let files = Files::open(dir.path(), limits).expect("files");
         (dir, files)
+    }
+
+    fn files(pool_bytes: u64) -> (tempfile::TempDir, Files) {
+        files_in(&CachePool::new(pool_bytes))
     }
 
     fn path(raw: &str) -> WorkPath {
@@ -652,28 +729,55 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_holds_and_big_or_disabled_means_not_kept() {
-        let (_dir, mut files) = files(10_000);
-        for i in 0..50 {
+    fn a_workspace_keeps_at_most_its_share_and_big_files_not_at_all() {
+        let pool = CachePool::new(1 << 30);
+        let (_dir, mut files) = files_in(&pool);
+        let content = vec![7u8; CACHE_MAX_FILE];
+        for i in 0..100 {
             files
-                .apply_write(&path(&format!("f{i}")), &[i as u8; 1000])
+                .apply_write(&path(&format!("f{i}")), &content)
                 .expect("write");
-            assert!(files.cached_bytes() <= 10_000, "{}", files.cached_bytes());
+            assert!(files.cached_bytes() <= CACHE_PER_WORKSPACE);
         }
-        for i in 0..50 {
+        assert_eq!(files.cached_bytes(), CACHE_PER_WORKSPACE);
+        assert_eq!(pool.used(), CACHE_PER_WORKSPACE);
+        for i in 0..100 {
             assert_eq!(
                 files.read(&path(&format!("f{i}"))).expect("read").0,
-                [i as u8; 1000]
+                content
             );
         }
-        let big = vec![1u8; CACHE_MAX_FILE + 1];
-        let (_dir, mut files) = self::files(1 << 30);
-        files.apply_write(&path("big"), &big).expect("write");
-        assert_eq!(files.cached_bytes(), 0);
-        let (_dir, mut files) = self::files(0);
-        files.apply_write(&path("small"), b"x").expect("write");
-        assert_eq!(files.cached_bytes(), 0);
-        assert_eq!(files.read(&path("small")).expect("read").0, b"x");
+        files.release_cache();
+        files
+            .apply_write(&path("big"), &vec![1u8; CACHE_MAX_FILE + 1])
+            .expect("write");
+        assert_eq!((files.cached_bytes(), pool.used()), (0, 0));
+    }
+
+    #[test]
+    fn the_node_pool_is_shared_and_given_back_when_a_workspace_stops() {
+        let pool = CachePool::new(10_000);
+        let (_a_dir, mut a) = files_in(&pool);
+        let (_b_dir, mut b) = files_in(&pool);
+        for i in 0..9 {
+            a.apply_write(&path(&format!("f{i}")), &[1u8; 1000])
+                .expect("write");
+        }
+        assert_eq!(pool.used(), 9_000);
+        // b gets the one kilobyte left, then makes room among its own
+        // entries only: a keeps what it has.
+        b.apply_write(&path("g0"), &[2u8; 1000]).expect("write");
+        b.apply_write(&path("g1"), &[2u8; 1000]).expect("write");
+        assert_eq!((a.cached_bytes(), b.cached_bytes()), (9_000, 1_000));
+        assert_eq!(b.read(&path("g0")).expect("read").0, [2u8; 1000]);
+        assert_eq!(b.read(&path("g1")).expect("read").0, [2u8; 1000]);
+        assert!(pool.used() <= 10_000);
+        drop(a);
+        assert_eq!(pool.used(), b.cached_bytes());
+        let (_c_dir, mut off) = files(0);
+        off.apply_write(&path("small"), b"x").expect("write");
+        assert_eq!(off.cached_bytes(), 0);
+        assert_eq!(off.read(&path("small")).expect("read").0, b"x");
     }
 
     #[test]
