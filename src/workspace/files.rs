@@ -7,10 +7,10 @@
 //! file is never seen half-written.
 //!
 //! The contents of small files recently read or written are kept too
-//! ([`FileCache`]), within a byte budget per working copy and the node's
-//! [`CachePool`], so that a read of a hot file costs no system call. Same rule as the versions: exact
-//! because every change goes through here; never a file changed behind
-//! `Files`' back.
+//! ([`FileCache`]), within a share per working copy of the node's
+//! [`CachePool`], so that a read of a hot file costs no system call. Same
+//! rule as the versions: exact because every change goes through here;
+//! this module must never serve a file that was changed behind its back.
 
 use std::collections::HashMap;
 use std::io;
@@ -75,11 +75,11 @@ impl CachePool {
     }
 }
 
-/// Contents of small files by path, within a byte budget. When a new entry
-/// does not fit, entries are dropped in the map's own (arbitrary) order
-/// until it does: random replacement, which needs no bookkeeping per read
-/// and does well enough when the hot set fits the budget, the case it is
-/// for.
+/// Contents of small files by path, within [`CACHE_PER_WORKSPACE`] and
+/// what the pool grants. When a new entry does not fit, entries are
+/// dropped in the map's own (arbitrary) order until it does: no
+/// bookkeeping per read, and good enough when the hot set fits, the case
+/// it is for.
 struct FileCache {
     pool: Arc<CachePool>,
     /// Bytes this cache holds (all reserved from the pool).
@@ -106,7 +106,7 @@ impl FileCache {
     fn insert(&mut self, path: &str, content: &[u8]) {
         self.remove(path);
         let size = content.len();
-        if size > CACHE_MAX_FILE || size > CACHE_PER_WORKSPACE {
+        if size > CACHE_MAX_FILE {
             return;
         }
         while self.used + size > CACHE_PER_WORKSPACE && self.drop_one() {}
