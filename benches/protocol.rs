@@ -7,8 +7,8 @@
 //!   writes; the same with one connection per branch, so that no write
 //!   has anyone to send an event to. One driver loop runs these on raw
 //!   sockets (it reads only a reply's id and skips events), so the rows
-//!   differ only in what the server does. A last row runs the mixed load through
-//!   `branchd::client::Client`, whose own cost (a reader task, a reply
+//!   differ only in what the server does. A last row runs the mixed load
+//!   through `branchd::client::Client`, whose own cost (a reader task, a reply
 //!   channel per request, every event decoded) then shows next to it.
 //!
 //! Run: `cargo bench --bench protocol` (SQLite; `DATABASE_URL=postgres://...`
@@ -427,6 +427,8 @@ async fn main() {
     )
     .await;
     rows.push(("echo 1 KiB", echo));
+    // Marks each row's start on stderr, for a profiler attached from
+    // outside (docs/performance.md, the protocol section).
     eprintln!("bench: read row starts");
     let reads = drive(
         (0..CONNECTIONS).map(|i| op_socket(&base, &token, project, branch_of(i))),
@@ -434,15 +436,14 @@ async fn main() {
     )
     .await;
     rows.push(("read_file 1 KiB only", reads));
-    // Marks the row's start for a profiler attached from outside
-    // (docs/performance.md, "Profiling a row").
+    let mixed_frames = || {
+        let small = small.clone();
+        move |i, n| op_frame(n, mixed_op(i, n, &small))
+    };
     eprintln!("bench: mixed row starts");
     let mixed = drive(
         (0..CONNECTIONS).map(|i| op_socket(&base, &token, project, branch_of(i))),
-        {
-            let small = small.clone();
-            move |i, n| op_frame(n, mixed_op(i, n, &small))
-        },
+        mixed_frames(),
     )
     .await;
     rows.push(("80 % read_file / 20 % write_file (1 KiB)", mixed));
@@ -473,10 +474,7 @@ async fn main() {
     eprintln!("bench: solo row starts");
     let solo = drive(
         (0..CONNECTIONS).map(|i| op_socket(&base, &token, project, format!("solo{i}"))),
-        {
-            let small = small.clone();
-            move |i, n| op_frame(n, mixed_op(i, n, &small))
-        },
+        mixed_frames(),
     )
     .await;
     rows.push(("80 % / 20 %, one connection per branch (no events)", solo));

@@ -130,38 +130,16 @@ impl FileCache {
 
     /// Drops `path` and everything below it (everything, for the root).
     fn forget(&mut self, path: &WorkPath) {
-        let below = format!("{path}/");
-        let used = &mut self.used;
         let mut freed = 0;
         self.contents.retain(|p, content| {
-            let keep = !(path.is_root() || p == path.as_str() || p.starts_with(&below));
-            if !keep {
+            let gone = path.contains_str(p);
+            if gone {
                 freed += content.len();
             }
-            keep
+            !gone
         });
-        *used -= freed;
+        self.used -= freed;
         self.pool.release(freed);
-    }
-
-    /// Moves the entries of `from` (and below) to `to`.
-    fn rename(&mut self, from: &WorkPath, to: &WorkPath) {
-        let below = format!("{from}/");
-        let moved: Vec<(String, Vec<u8>)> = self
-            .contents
-            .iter()
-            .filter(|(p, _)| p.as_str() == from.as_str() || p.starts_with(&below))
-            .map(|(p, c)| (format!("{to}{}", &p[from.as_str().len()..]), c.clone()))
-            .collect();
-        self.forget(from);
-        for (path, content) in moved {
-            // Moved entries give their bytes back and take them again,
-            // so one that no longer fits is just not kept.
-            if self.pool.reserve(content.len()) {
-                self.used += content.len();
-                self.contents.insert(path, content);
-            }
-        }
     }
 
     fn clear(&mut self) {
@@ -233,9 +211,7 @@ impl Files {
 
     /// Forgets cached versions and contents of `path` and everything below it.
     pub fn forget(&mut self, path: &WorkPath) {
-        let below = format!("{path}/");
-        self.versions
-            .retain(|p, _| !(path.is_root() || p == path.as_str() || p.starts_with(&below)));
+        self.versions.retain(|p, _| !path.contains_str(p));
         self.cache.forget(path);
     }
 
@@ -626,14 +602,14 @@ impl Files {
         let target = to.resolve(&self.root)?;
         self.make_parents(to)?;
         std::fs::rename(&source, &target).map_err(|e| io_error("renaming", from, e))?;
-        let below = format!("{from}/");
         let moved: Vec<(String, String)> = self
             .versions
             .iter()
-            .filter(|(p, _)| p.as_str() == from.as_str() || p.starts_with(&below))
+            .filter(|(p, _)| from.contains_str(p))
             .map(|(p, v)| (format!("{to}{}", &p[from.as_str().len()..]), v.clone()))
             .collect();
-        self.cache.rename(from, to);
+        // Kept contents are dropped, not moved: renames are rare, and the
+        // next read at the new place keeps the file again.
         self.forget(from);
         self.versions.extend(moved);
         Ok(())

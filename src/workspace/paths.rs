@@ -95,9 +95,14 @@ impl WorkPath {
 
     /// True if `other` is this path or lies below it.
     pub fn contains(&self, other: &WorkPath) -> bool {
+        self.contains_str(&other.0)
+    }
+
+    /// [`WorkPath::contains`] for a path kept as a string (a cache key).
+    pub fn contains_str(&self, other: &str) -> bool {
         self.is_root()
-            || other.0 == self.0
-            || (other.0.starts_with(&self.0) && other.0.as_bytes().get(self.0.len()) == Some(&b'/'))
+            || other == self.0
+            || (other.starts_with(&self.0) && other.as_bytes().get(self.0.len()) == Some(&b'/'))
     }
 
     /// The path on disk below `root`, refusing any that passes through a
