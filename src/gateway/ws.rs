@@ -53,7 +53,7 @@ use crate::protocol::{
     ErrorCode, Event, Op, OpError, OpResult, PROTOCOL_VERSION, Role, SessionId, Welcome, ok_frame,
 };
 use crate::storage::WorkspaceKey;
-use crate::workspace::{Responder, SessionInfo, needs_editor};
+use crate::workspace::{Responder, SessionInfo};
 
 /// Events queued between a workspace and one connection.
 const EVENT_QUEUE: usize = 1024;
@@ -737,13 +737,8 @@ impl Connection {
             }
             Ok(Decoded::Op { id, op }) => (id, op),
         };
-        if needs_editor(&op) && self.session.role < Role::Editor {
-            let err = OpError::forbidden(format!(
-                "{} needs the editor role; you are {}",
-                op.name(),
-                self.session.role.as_str()
-            ));
-            return self.answer(Some(id), err);
+        if let Err(message) = op.kind().authorize(self.session.role) {
+            return self.answer(Some(id), OpError::forbidden(message));
         }
         let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
             let err = OpError::new(

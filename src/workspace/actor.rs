@@ -506,29 +506,6 @@ async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpError> {
     })
 }
 
-/// Ops that change the working copy: refused to viewers and, while another
-/// session holds the lock, to everyone else.
-fn edits(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::WriteFile { .. }
-            | Op::DeletePath { .. }
-            | Op::RenamePath { .. }
-            | Op::MakeDir { .. }
-            | Op::GitCommit { .. }
-    )
-}
-
-/// Ops that need at least the editor role (everything that changes
-/// anything); viewers get `forbidden` for them.
-pub fn needs_editor(op: &Op) -> bool {
-    edits(op)
-        || matches!(
-            op,
-            Op::Lock { .. } | Op::Unlock | Op::Save | Op::GitCreateBranch { .. }
-        )
-}
-
 impl WorkspaceState {
     fn path(&self, raw: &str) -> Result<WorkPath, OpError> {
         WorkPath::parse_non_root(raw, self.settings.max_path)
@@ -705,14 +682,8 @@ impl WorkspaceState {
     /// holding the lock (or nobody does) for a change.
     fn admit(&mut self, session: &SessionId, op: &Op) -> Result<SessionInfo, OpError> {
         let who = self.attached(session)?;
-        if needs_editor(op) && who.role < Role::Editor {
-            return Err(OpError::forbidden(format!(
-                "{} needs the editor role; you are {}",
-                op.name(),
-                who.role.as_str()
-            )));
-        }
-        if edits(op) {
+        op.kind().authorize(who.role).map_err(OpError::forbidden)?;
+        if op.kind().mutates() {
             self.check_lock(session)?;
         }
         self.last_activity = now_ms();
@@ -741,6 +712,15 @@ impl WorkspaceState {
                     path: path.to_string(),
                     content,
                     version,
+                })
+            }
+            Op::Stat { path } => {
+                let entry = self.files.stat(&self.path(&path)?)?;
+                Ok(Reply::Stat {
+                    path: entry.path,
+                    kind: entry.kind,
+                    size: entry.size,
+                    version: entry.version,
                 })
             }
             Op::WriteFile {

@@ -272,6 +272,35 @@ impl Files {
         }
     }
 
+    /// One path's kind, size and (for a file) version, without reading the
+    /// content when its version is cached.
+    pub fn stat(&mut self, path: &WorkPath) -> Result<TreeEntry, OpError> {
+        let on_disk = path.resolve(&self.root)?;
+        match Self::kind_of(&on_disk).map_err(|e| io_error("reading", path, e))? {
+            None => Err(OpError::not_found(format!("{path:?} does not exist"))),
+            Some(EntryKind::Dir) => Ok(TreeEntry {
+                path: path.to_string(),
+                kind: EntryKind::Dir,
+                size: 0,
+                version: None,
+            }),
+            Some(EntryKind::File) => {
+                let size = std::fs::metadata(&on_disk)
+                    .map_err(|e| io_error("reading", path, e))?
+                    .len();
+                let version = self
+                    .cached_version(path.as_str(), &on_disk)
+                    .map_err(|e| io_error("reading", path, e))?;
+                Ok(TreeEntry {
+                    path: path.to_string(),
+                    kind: EntryKind::File,
+                    size,
+                    version: Some(version),
+                })
+            }
+        }
+    }
+
     /// Every file and directory below `under` (itself excluded), sorted by
     /// path; `.git` is never listed.
     pub fn list(&mut self, under: &WorkPath) -> Result<Vec<TreeEntry>, OpError> {

@@ -18,7 +18,7 @@ pub mod snapshot;
 
 pub use actor::{
     CALL_TIMEOUT, Responder, SessionInfo, Welcome, Workspace, WorkspaceActor, WorkspaceArgs,
-    WorkspaceInfo, WorkspaceMsg, WorkspaceSettings, needs_editor,
+    WorkspaceInfo, WorkspaceMsg, WorkspaceSettings,
 };
 
 pub use events::{Audience, EventSink, RemoteRelay};
