@@ -177,8 +177,11 @@ async fn main() {
         plain.push(started.elapsed());
     }
     Stats(plain).row_in(&mut report, "file write without journal (no actor)");
-    let record =
-        branchd::workspace::journal::encode_write("written/x.txt", &small).expect("record");
+    let record = branchd::workspace::journal::encode(&branchd::workspace::journal::WriteRecord {
+        path: "written/x.txt".into(),
+        content: small.clone(),
+    })
+    .expect("record");
     timed(2_000, |_| store.append_journal(&key, &fence, &record))
         .await
         .row_in(&mut report, "journal append alone (1 KiB record)");

@@ -30,7 +30,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::protocol::{ErrorCode, LockInfo, OpError, SessionId};
 use crate::storage::{Store, StoreError, WorkspaceKey, WsSession};
-use crate::workspace::{EventSink, SessionInfo, Welcome, Workspace, WorkspaceSettings};
+use crate::workspace::{AttachInfo, EventSink, SessionInfo, Workspace, WorkspaceSettings};
 use actor::{AllocatorActor, AllocatorArgs, AllocatorMsg};
 pub use policy::RestartPolicy;
 
@@ -86,7 +86,7 @@ type Registry = Arc<RegistryInner>;
 /// A registered session's view of its workspace.
 pub struct Registration {
     pub workspace: Workspace,
-    pub welcome: Welcome,
+    pub welcome: AttachInfo,
 }
 
 /// One workspace as the allocator sees it, for the ops dashboard and tests.

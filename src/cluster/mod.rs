@@ -39,7 +39,7 @@ use crate::allocator::Allocator;
 use crate::config::Config;
 use crate::protocol::{ErrorCode, Event, Op, OpError, SessionId};
 use crate::storage::{Backend, Store, StoreError, WorkspaceKey, WsSession};
-use crate::workspace::{Responder, SessionInfo, Welcome, Workspace, WorkspaceMsg};
+use crate::workspace::{AttachInfo, Responder, SessionInfo, Workspace, WorkspaceMsg};
 use membership::{Membership, MembershipSettings, PeerTable, PeerView};
 use router::{RouterActor, RouterState, router_of, servers_of};
 use routes::{Inbound, Outbound};
@@ -76,7 +76,7 @@ pub struct Cluster(Arc<Inner>);
 /// A session attached to its workspace, here or on the owner.
 pub struct Attachment {
     pub route: Route,
-    pub welcome: Welcome,
+    pub welcome: AttachInfo,
     /// The server tag of the node serving the workspace.
     pub owner: String,
 }

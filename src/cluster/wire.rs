@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::protocol::{Event, Op, OpError, Reply, SessionId};
 use crate::storage::WorkspaceKey;
-use crate::workspace::{Audience, SessionInfo, Welcome};
+use crate::workspace::{AttachInfo, Audience, SessionInfo};
 
 /// The process-group scope routers join per workspace they serve.
 pub const WORKSPACE_SCOPE: &str = "git";
@@ -61,7 +61,7 @@ pub struct AttachRequest {
     pub node: String,
 }
 
-pub type AttachReply = Result<Welcome, OpError>;
+pub type AttachReply = Result<AttachInfo, OpError>;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpRequest {

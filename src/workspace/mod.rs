@@ -1,25 +1,44 @@
 //! Workspaces: the live working copy of one (project, branch).
 //!
 //! [`WorkspaceActor`] owns one working copy and does every operation on it,
-//! one message at a time; [`Workspace`] is the handle callers use. Below it,
-//! plain blocking code: [`paths`] (what a client may name), [`files`]
-//! (versioned file operations, with hot files' contents kept in memory),
-//! [`repo`] (git) and [`snapshot`] (tar.gz in and out). Only the actor touches the store (snapshots) and it never
-//! knows about sockets or HTTP.
+//! one message at a time; [`Workspace`] is the handle callers use.
+//!
+//! - `actor`: the actor, a thin dispatcher; `messages`: what it is told;
+//!   `handle`: the [`Workspace`] handle; `settings`: what it starts with;
+//!   `activation`: snapshot + journal replay into a temp dir.
+//! - `state`: the rules every op shares (sessions, admission by the op's
+//!   metadata, journalling before applying, events); `lock` and `save`:
+//!   the edit lock and the save queue as plain values, testable alone.
+//! - `ops`: one module per op family, each owning check, journal record,
+//!   apply (shared with replay through [`journal::Change`]) and events.
+//! - Below them, plain blocking code: [`paths`] (what a client may name),
+//!   [`files`] (versioned file operations, with hot files' contents kept in
+//!   memory), [`repo`] (git) and [`snapshot`] (tar.gz in and out).
+//!
+//! Only the workspace touches the store for its snapshots and journal,
+//! and it never knows about sockets, HTTP or which node a client is on.
 
+mod activation;
 mod actor;
 pub mod events;
 pub mod files;
+mod handle;
 pub mod journal;
 pub mod liveness;
+mod lock;
+mod messages;
+mod ops;
 pub mod paths;
 pub mod repo;
+mod save;
+mod settings;
 pub mod snapshot;
+mod state;
 
-pub use actor::{
-    CALL_TIMEOUT, Responder, SessionInfo, Welcome, Workspace, WorkspaceActor, WorkspaceArgs,
-    WorkspaceInfo, WorkspaceMsg, WorkspaceSettings,
-};
+pub use actor::WorkspaceActor;
+pub use handle::{CALL_TIMEOUT, Workspace};
+pub use messages::{AttachInfo, Responder, SessionInfo, WorkspaceInfo, WorkspaceMsg};
+pub use settings::{WorkspaceArgs, WorkspaceSettings};
 
 pub use events::{Audience, EventSink, RemoteRelay};
 pub use liveness::Liveness;

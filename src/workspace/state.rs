@@ -1,0 +1,242 @@
+//! The state of one live workspace and the rules every op shares: who is
+//! attached, who may run what, the edit lock's enforcement, writing a
+//! change to the journal before it is applied, and telling the other
+//! sessions.
+//!
+//! What each op does lives in [`super::ops`]; saving in [`super::save`].
+//! This module must never wait on a client: events go out with `try_send`
+//! (through [`events::broadcast`]) and a session that cannot take them is
+//! detached.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tempfile::TempDir;
+
+use super::events::{self, EventSink};
+use super::files::Files;
+use super::journal::{self, Record};
+use super::lock::EditLock;
+use super::messages::{AttachInfo, SessionInfo, WorkspaceInfo};
+use super::paths::WorkPath;
+use super::repo;
+use super::save::Saves;
+use super::settings::WorkspaceSettings;
+use crate::compile::CompileCache;
+use crate::protocol::{Doer, ErrorCode, Event, Op, OpError, SessionId};
+use crate::storage::{Fence, Store, WorkspaceKey};
+
+/// An attached session: who, and where its events go.
+pub(super) struct Member {
+    pub info: SessionInfo,
+    pub events: EventSink,
+}
+
+pub struct WorkspaceState {
+    pub(super) key: WorkspaceKey,
+    pub(super) store: Arc<dyn Store>,
+    pub(super) settings: WorkspaceSettings,
+    pub(super) fence: Fence,
+    /// The last journal record applied here; a save covers up to it.
+    pub(super) journal_seq: i64,
+    /// When the first unsaved change and the latest change were made (autosave).
+    pub(super) dirty_since: Option<Instant>,
+    pub(super) last_change: Option<Instant>,
+    pub(super) files: Files,
+    pub(super) sessions: HashMap<SessionId, Member>,
+    pub(super) lock: EditLock,
+    pub(super) dirty: bool,
+    pub(super) snapshot_version: i64,
+    pub(super) last_activity: i64,
+    /// The compiler's state for this working copy, used by one compile
+    /// at a time, off the actor (see [`crate::compile::CompileSettings::run`]).
+    pub(super) compile_cache: Arc<tokio::sync::Mutex<CompileCache>>,
+    /// The save running in the background, if any, and who waits.
+    pub(super) saves: Saves,
+    /// Declared last: dropped after everything that uses the directory.
+    pub(super) dir: TempDir,
+}
+
+pub(super) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs blocking work on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    context: &'static str,
+    work: impl FnOnce() -> Result<T, OpError> + Send + 'static,
+) -> Result<T, OpError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| OpError::internal(context, e))?
+}
+
+/// The outcome of applying a change that is already in the journal. It
+/// cannot be refused any more (it was checked); if the disk fails it, the
+/// working copy no longer matches the journal, so the actor stops here and
+/// is restarted from snapshot + journal, which applies it again.
+pub(super) fn applied<T>(outcome: Result<T, OpError>) -> T {
+    match outcome {
+        Ok(value) => value,
+        Err(err) => panic!(
+            "a journalled change could not be applied ({}); restarting from the journal",
+            err.message
+        ),
+    }
+}
+
+impl WorkspaceState {
+    /// A client-named path that is not the root.
+    pub(super) fn path(&self, raw: &str) -> Result<WorkPath, OpError> {
+        WorkPath::parse_non_root(raw, self.settings.max_path)
+    }
+
+    /// A client-named path, the root allowed (`""`).
+    pub(super) fn path_or_root(&self, raw: &str) -> Result<WorkPath, OpError> {
+        WorkPath::parse(raw, self.settings.max_path)
+    }
+
+    pub(super) fn info(&self) -> WorkspaceInfo {
+        let mut sessions: Vec<SessionId> = self.sessions.keys().cloned().collect();
+        sessions.sort();
+        WorkspaceInfo {
+            key: self.key.clone(),
+            dir: self.dir.path().to_path_buf(),
+            sessions,
+            lock: self.lock.info().cloned(),
+            dirty: self.dirty,
+            snapshot_version: self.snapshot_version,
+            last_activity: self.last_activity,
+            file_cache_bytes: self.files.cached_bytes() as u64,
+        }
+    }
+
+    pub(super) async fn attach(
+        &mut self,
+        session: SessionInfo,
+        events: EventSink,
+    ) -> Result<AttachInfo, OpError> {
+        let dir = self.dir.path().to_path_buf();
+        let (branch, head) = blocking("reading HEAD", move || repo::head(&dir)).await?;
+        self.expire_lock(None);
+        self.sessions.insert(
+            session.id.clone(),
+            Member {
+                info: session,
+                events,
+            },
+        );
+        self.announce_presence();
+        Ok(AttachInfo {
+            branch,
+            head,
+            lock: self.lock.info().cloned(),
+        })
+    }
+
+    /// Tells every session who is attached now.
+    fn announce_presence(&mut self) {
+        let mut sessions: Vec<Doer> = self.sessions.values().map(|m| m.info.doer()).collect();
+        sessions.sort_by(|a, b| a.session.cmp(&b.session));
+        self.broadcast(None, Event::Presence { sessions });
+    }
+
+    pub(super) fn detach(&mut self, session: &SessionId) {
+        if self.sessions.remove(session).is_none() {
+            return;
+        }
+        if self.sessions.is_empty() {
+            // Nobody reads here until someone comes back: an idle
+            // workspace keeps no file contents in memory.
+            self.files.release_cache();
+        }
+        self.announce_presence();
+        if let Some(event) = self.lock.holder_left(session) {
+            self.broadcast(None, event);
+        }
+    }
+
+    /// Sends an event to every attached session but `except`. A session
+    /// whose buffer is full (or gone) is detached: its connection sees the
+    /// channel close and tells the client to reconnect.
+    pub(super) fn broadcast(&mut self, except: Option<&SessionId>, event: Event) {
+        let sinks = self.sessions.iter().map(|(id, m)| (id, &m.events));
+        for id in events::broadcast(sinks, except, &event) {
+            tracing::info!(workspace = %self.key, session = %id, "detaching a session whose events cannot be delivered (gone, or not reading)");
+            self.detach(&id);
+        }
+    }
+
+    /// Drops the lock if it has run out (only the one taken at `generation`,
+    /// when given) and tells everyone.
+    pub(super) fn expire_lock(&mut self, generation: Option<u64>) {
+        if let Some(event) = self.lock.expire(Instant::now(), generation) {
+            self.broadcast(None, event);
+        }
+    }
+
+    /// The attached session `session`, or `unavailable`.
+    pub(super) fn attached(&self, session: &SessionId) -> Result<SessionInfo, OpError> {
+        self.sessions
+            .get(session)
+            .map(|m| m.info.clone())
+            .ok_or_else(|| {
+                OpError::new(
+                    ErrorCode::Unavailable,
+                    "this session is no longer attached to the workspace; reconnect",
+                )
+            })
+    }
+
+    /// The session, if it may run `op`: attached, with the role the op
+    /// needs, and holding the lock (or nobody does) for an op that
+    /// changes the working copy. Both rules come from the op's metadata.
+    pub(super) fn admit(&mut self, session: &SessionId, op: &Op) -> Result<SessionInfo, OpError> {
+        let who = self.attached(session)?;
+        let kind = op.kind();
+        kind.authorize(who.role).map_err(OpError::forbidden)?;
+        if kind.mutates() {
+            self.expire_lock(None);
+            self.lock.check(session, Instant::now())?;
+        }
+        self.last_activity = now_ms();
+        Ok(who)
+    }
+
+    /// Appends a change's record under the fence. Called after the change
+    /// was checked and before it is applied: once this returns, the change
+    /// survives any crash, and only then is it applied and acknowledged.
+    pub(super) async fn record<R: Record>(&mut self, record: &R) -> Result<(), OpError> {
+        self.check_writable()?;
+        let record = journal::encode(record)?;
+        let seq = self
+            .store
+            .append_journal(&self.key, &self.fence, &record)
+            .await?;
+        self.journal_seq = seq;
+        let now = Instant::now();
+        self.dirty = true;
+        self.last_change = Some(now);
+        self.dirty_since.get_or_insert(now);
+        Ok(())
+    }
+
+    /// Refuses writes while this node cannot renew its heartbeat: another
+    /// node may be about to take the workspace over.
+    pub(super) fn check_writable(&self) -> Result<(), OpError> {
+        if self.settings.liveness.writable() {
+            return Ok(());
+        }
+        Err(OpError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "this node has not reached the database for {} ms and accepts no writes; reconnect",
+                self.settings.liveness.silence().as_millis()
+            ),
+        ))
+    }
+}
