@@ -75,6 +75,7 @@ struct Inner {
     inbound: Inbound,
     peers: PeerTable,
     node: Option<Node>,
+    tasks: Shutdown,
 }
 
 /// The handle on this node's place in the cluster.
@@ -104,6 +105,8 @@ pub enum Route {
         owner: String,
         key: WorkspaceKey,
         timeout: Duration,
+        /// Tracks the wait for each answer (at most `timeout`).
+        tasks: Shutdown,
     },
 }
 
@@ -133,6 +136,7 @@ impl Route {
                 key,
                 timeout,
                 owner,
+                tasks,
             } => {
                 let request = OpRequest {
                     key: key.clone(),
@@ -149,7 +153,7 @@ impl Route {
                     return;
                 }
                 let (timeout, owner) = (*timeout, owner.clone());
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let result = match tokio::time::timeout(timeout, answer).await {
                         Ok(Ok(bytes)) => {
                             wire::decode::<OpReply>(&bytes, "op reply").and_then(|result| result)
@@ -295,6 +299,7 @@ impl Cluster {
             inbound,
             peers,
             node,
+            tasks: shutdown.clone(),
         })))
     }
 
@@ -428,6 +433,7 @@ impl Cluster {
                 owner: owner.to_string(),
                 key: key.clone(),
                 timeout: self.0.peer_timeout,
+                tasks: self.0.tasks.clone(),
             },
             welcome,
             owner: owner.to_string(),
