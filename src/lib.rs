@@ -26,6 +26,8 @@
 //!   replies and events.
 //! - [`server`]: wires the parts together for `branchd serve` and runs them
 //!   until a shutdown signal.
+//! - [`shutdown`]: the drain and stop signals every long-lived task listens
+//!   to, and the tracker the drain waits on.
 //!
 //! The binary (`src/main.rs`) is a thin CLI over this library; the
 //! integration tests in `tests/` drive the same library through a real server
@@ -39,5 +41,6 @@ pub mod config;
 pub mod gateway;
 pub mod protocol;
 pub mod server;
+pub mod shutdown;
 pub mod storage;
 pub mod workspace;

@@ -4,6 +4,8 @@
 //!
 //! [`Server`] is a value with an explicit [`Server::shutdown`], so the binary
 //! and the integration tests start and stop the real service the same way.
+//! Every task it starts is tracked by one [`Shutdown`]; stopping is the
+//! order in which its signals are given and its tasks waited for.
 //! This module decides nothing about requests: it only starts and stops.
 
 use std::net::SocketAddr;
@@ -13,22 +15,29 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::allocator::{Allocator, AllocatorSettings};
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gateway::{self, AppState, auth};
+use crate::shutdown::{Shutdown, TaskGroup};
 use crate::storage::{self, Store, redact_url};
 use crate::workspace::WorkspaceSettings;
 
 /// The administrator created on first start.
 pub const ADMIN_USERNAME: &str = "admin";
 
-/// How long in-flight HTTP requests get to finish after a shutdown signal.
-/// Short: by then every WebSocket has been told to reconnect and closed.
+/// How long in-flight HTTP requests (and any other task still running)
+/// get to finish once the drain is done. Short: by then every WebSocket has
+/// been told to reconnect and closed.
 const HTTP_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The longest the drain waits for open sockets to have said `reconnect`
+/// before it stops their workspaces (which would close them with a plain
+/// `unavailable`). It normally takes milliseconds; a client too slow to
+/// take two frames does not hold up the saves.
+const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// How often expired login tokens are deleted.
 const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
@@ -48,13 +57,12 @@ pub struct Server {
     store: Arc<dyn Store>,
     allocator: Allocator,
     cluster: Cluster,
-    draining: watch::Sender<bool>,
     /// The password of the `admin` user if this start created it with a
     /// generated password; shown once, never stored in clear.
     pub generated_admin_password: Option<String>,
-    stop: watch::Sender<bool>,
+    shutdown: Shutdown,
+    sockets: TaskGroup,
     http: JoinHandle<std::io::Result<()>>,
-    housekeeping: JoinHandle<()>,
 }
 
 impl Server {
@@ -90,49 +98,50 @@ impl Server {
         } else {
             allocator_settings.http_addr = Some(local_addr.to_string());
         }
-        let allocator = Allocator::start(
-            store.clone(),
-            WorkspaceSettings::from_config(&config),
-            allocator_settings,
-        )
-        .await
-        .context("starting the allocator")?;
-        let cluster = match Cluster::start(&config, store.clone(), allocator.clone()).await {
-            Ok(cluster) => cluster,
-            Err(err) => {
-                allocator.drain().await;
-                allocator.stop().await;
-                return Err(err.context("joining the cluster"));
-            }
-        };
+        let shutdown = Shutdown::new();
+        let mut workspaces = WorkspaceSettings::from_config(&config);
+        // Saves and compiles run in the background: shutdown waits for them.
+        workspaces.tasks = shutdown.tracker().clone();
+        let allocator = Allocator::start(store.clone(), workspaces, allocator_settings, &shutdown)
+            .await
+            .context("starting the allocator")?;
+        let cluster =
+            match Cluster::start(&config, store.clone(), allocator.clone(), &shutdown).await {
+                Ok(cluster) => cluster,
+                Err(err) => {
+                    allocator.drain().await;
+                    allocator.stop().await;
+                    shutdown.begin_stop();
+                    return Err(err.context("joining the cluster"));
+                }
+            };
 
-        let (draining, draining_seen) = watch::channel(false);
+        let sockets = shutdown.group();
         let state = AppState {
             store: store.clone(),
             config: Arc::new(config),
             server_tag,
             allocator: allocator.clone(),
             cluster: cluster.clone(),
-            draining: draining_seen,
+            shutdown: shutdown.clone(),
+            sockets: sockets.clone(),
         };
-        let (stop, stopped) = watch::channel(false);
-        let mut on_stop = stopped.clone();
-        let http = tokio::spawn(
+        let stopping = shutdown.stopping().clone();
+        let http = shutdown.spawn(
             axum::serve(listener.tap_io(no_delay), gateway::router(state))
-                .with_graceful_shutdown(async move { gateway::until_set(&mut on_stop).await })
+                .with_graceful_shutdown(stopping.cancelled_owned())
                 .into_future(),
         );
-        let housekeeping = tokio::spawn(purge_tokens(store.clone(), stopped));
+        shutdown.spawn_until_stopped(purge_tokens(store.clone()));
         Ok(Server {
             local_addr,
             store,
             allocator,
             cluster,
-            draining,
             generated_admin_password,
-            stop,
+            shutdown,
+            sockets,
             http,
-            housekeeping,
         })
     }
 
@@ -149,26 +158,33 @@ impl Server {
         &self.allocator
     }
 
-    /// Drains: readiness turns to 503, workspaces are saved and stopped
-    /// and this node's rows removed (within the drain timeout); then the
-    /// HTTP server stops accepting connections and lets in-flight requests
-    /// finish (up to a grace period). Returns when the server is down.
+    /// Drains: readiness turns to 503 and every socket is told to
+    /// reconnect; once they have, workspaces are saved and stopped and this
+    /// node's rows removed (within the drain timeout); the node leaves the
+    /// cluster; then every background task is told to stop and the HTTP
+    /// server lets in-flight requests finish (up to a grace period).
+    /// Returns when every task the server started has ended, or the grace
+    /// is up.
     pub async fn shutdown(self) -> anyhow::Result<()> {
-        // Readiness turns 503 and every socket is told to reconnect.
-        let _ = self.draining.send(true);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.shutdown.begin_drain();
+        if let Err(open) = self.sockets.wait(SOCKETS_CLOSE_WAIT).await {
+            tracing::warn!(
+                open,
+                "sockets still closing after {SOCKETS_CLOSE_WAIT:?}; saving anyway"
+            );
+        }
         self.allocator.drain().await;
         self.allocator.stop().await;
         self.cluster.stop().await;
-        let _ = self.stop.send(true);
-        self.housekeeping.abort();
-        let mut http = self.http;
-        match tokio::time::timeout(HTTP_SHUTDOWN_GRACE, &mut http).await {
-            Ok(joined) => joined.context("HTTP server task")??,
-            Err(_) => {
-                tracing::warn!("requests still running after the shutdown grace; stopping anyway");
-                http.abort();
-            }
+        self.shutdown.begin_stop();
+        if let Err(running) = self.shutdown.wait(HTTP_SHUTDOWN_GRACE).await {
+            tracing::warn!(
+                running,
+                "requests still running after the shutdown grace; stopping anyway"
+            );
+            self.http.abort();
+        } else {
+            self.http.await.context("HTTP server task")??;
         }
         tracing::info!("server stopped");
         Ok(())
@@ -204,16 +220,16 @@ async fn ensure_admin(
     }
 }
 
-async fn purge_tokens(store: Arc<dyn Store>, mut stopped: watch::Receiver<bool>) {
+/// Deletes expired login tokens every hour, until the node stops (one
+/// DELETE: cutting it off halfway leaves nothing half done).
+async fn purge_tokens(store: Arc<dyn Store>) {
     let mut tick = tokio::time::interval(TOKEN_PURGE_INTERVAL);
     loop {
-        tokio::select! {
-            _ = tick.tick() => match store.purge_expired_auth_sessions().await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(removed = n, "purged expired login tokens"),
-                Err(err) => tracing::warn!(error = %err, "purging expired login tokens failed"),
-            },
-            _ = gateway::until_set(&mut stopped) => return,
+        tick.tick().await;
+        match store.purge_expired_auth_sessions().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, "purged expired login tokens"),
+            Err(err) => tracing::warn!(error = %err, "purging expired login tokens failed"),
         }
     }
 }

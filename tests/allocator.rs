@@ -10,8 +10,9 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use branchd::allocator::{Allocator, AllocatorSettings, RestartPolicy};
-use branchd::protocol::{ErrorCode, Event, Op, Reply};
+use branchd::allocator::{Allocator, AllocatorSettings, RegisterError, RestartPolicy};
+use branchd::protocol::{ErrorCode, Event, Op, OpError, Reply};
+use branchd::shutdown::Shutdown;
 use branchd::storage::{NewSnapshot, Role, WorkspaceKey};
 use branchd::workspace::{Workspace, WorkspaceMsg, WorkspaceSettings};
 use common::{Setup, TestDb, eventually, next_event, session};
@@ -27,6 +28,7 @@ on_both_backends!(
     a_restarted_node_wipes_the_rows_its_server_tag_left,
     kill_saves_then_stops_a_workspace,
     a_drain_saves_every_dirty_workspace_and_removes_the_nodes_rows,
+    a_drain_waits_for_a_collection_already_saving,
 );
 
 fn settings(setup: &Setup, tag: &str) -> AllocatorSettings {
@@ -44,6 +46,7 @@ async fn allocator(setup: &Setup, adjust: impl FnOnce(&mut AllocatorSettings)) -
         setup.store.clone(),
         WorkspaceSettings::from_config(&setup.config),
         settings,
+        &Shutdown::new(),
     )
     .await
     .expect("allocator starts")
@@ -322,11 +325,22 @@ async fn the_restart_limit_marks_the_key_failed_until_an_operator_resets_it(db: 
         .await
         .err()
         .expect("a failed key refuses registers");
-    assert_eq!(refused.code, ErrorCode::Unavailable);
     assert!(
-        refused.message.contains("failed repeatedly"),
+        matches!(
+            &refused,
+            RegisterError::Failed {
+                retry_in: Some(_),
+                ..
+            }
+        ),
+        "{refused:?}"
+    );
+    let told = OpError::from(refused);
+    assert_eq!(told.code, ErrorCode::Unavailable);
+    assert!(
+        told.message.contains("failed repeatedly"),
         "{}",
-        refused.message
+        told.message
     );
     let status = allocator.workspaces().await.expect("status");
     assert_eq!(status[0].state, "failed");
@@ -473,5 +487,73 @@ async fn a_drain_saves_every_dirty_workspace_and_removes_the_nodes_rows(db: Test
         .await
         .err()
         .expect("no registers after a drain");
-    assert_eq!(refused.code, ErrorCode::Unavailable);
+    assert_eq!(refused, RegisterError::Draining);
+    assert_eq!(OpError::from(refused).code, ErrorCode::Unavailable);
+}
+
+/// Bytes that do not compress, so that packing them takes a while.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+async fn a_drain_waits_for_a_collection_already_saving(db: TestDb) {
+    let setup = Setup::new(db, |_| {}).await;
+    let allocator = allocator(&setup, |s| {
+        s.gc_interval = Duration::from_millis(10);
+        s.idle_grace = Duration::ZERO;
+    })
+    .await;
+    let (workspace, _events) = register(&allocator, &setup.key, "ada").await;
+    for i in 0..12u64 {
+        let path = format!("noise-{i}.bin");
+        write(&workspace, "ada", &path, &noise(1 << 20, i + 1)).await;
+    }
+    allocator.deregister(&"ada".to_string(), &setup.key).await;
+    // Catch garbage collection in the middle of its save.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = allocator.workspaces().await.expect("status");
+        match status.first().map(|s| s.state) {
+            Some("stopping") => break,
+            Some(_) => {}
+            None => panic!("the collection finished before the drain began: make its save slower"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "garbage collection never started: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    allocator.drain().await;
+    let version = || async {
+        setup
+            .store
+            .latest_snapshot(&setup.key)
+            .await
+            .expect("read")
+            .expect("snapshot")
+            .meta
+            .version
+    };
+    assert_eq!(
+        version().await,
+        2,
+        "the collection's save landed before the drain returned"
+    );
+    assert_eq!(
+        ref_count(&setup, &setup.key).await.2,
+        None,
+        "claim released"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(version().await, 2, "nothing was written after the drain");
 }

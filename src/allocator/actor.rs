@@ -4,7 +4,8 @@
 //! Each key moves through [`Phase`]s. Work that takes time (claiming and
 //! activating, saving and stopping) runs in a task that reports back with
 //! [`AllocatorMsg::Activated`] or [`AllocatorMsg::Stopped`]; a generation
-//! number per key makes late reports from superseded tasks harmless.
+//! number per key makes late reports from superseded tasks harmless. Every
+//! such task runs in the allocator's [`TaskGroup`], which a drain waits for.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -14,8 +15,9 @@ use ractor::{
     Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent,
 };
 
-use super::{AllocatorSettings, AllocatorStats, Registry, WorkspaceStatus, unavailable};
+use super::{AllocatorSettings, AllocatorStats, RegisterError, Registry, WorkspaceStatus};
 use crate::protocol::{ErrorCode, Event, OpError, SessionId};
+use crate::shutdown::TaskGroup;
 use crate::storage::{ClaimOutcome, Fence, Store, WorkspaceKey};
 use crate::workspace::{EventSink, SessionInfo, Workspace, WorkspaceArgs, WorkspaceSettings};
 
@@ -26,6 +28,7 @@ pub(super) struct AllocatorArgs {
     pub workspaces: WorkspaceSettings,
     pub settings: Arc<AllocatorSettings>,
     pub registry: Registry,
+    pub work: TaskGroup,
 }
 
 #[derive(ractor_cluster::RactorMessage)]
@@ -34,7 +37,7 @@ pub(super) enum AllocatorMsg {
         session: SessionInfo,
         key: WorkspaceKey,
         events: EventSink,
-        reply: RpcReplyPort<Result<Workspace, OpError>>,
+        reply: RpcReplyPort<Result<Workspace, RegisterError>>,
     },
     Deregister {
         session: SessionId,
@@ -44,7 +47,7 @@ pub(super) enum AllocatorMsg {
     Activated {
         key: WorkspaceKey,
         generation: u64,
-        result: Result<(Workspace, Fence), OpError>,
+        result: Result<(Workspace, Fence), RegisterError>,
     },
     /// A save-and-stop task finished (`Err`: the save failed, the actor lives on).
     Stopped {
@@ -111,7 +114,7 @@ struct Attached {
 struct Entry {
     phase: Phase,
     generation: u64,
-    waiters: Vec<RpcReplyPort<Result<Workspace, OpError>>>,
+    waiters: Vec<RpcReplyPort<Result<Workspace, RegisterError>>>,
     sessions: HashMap<SessionId, Attached>,
     fence: Option<Fence>,
     zeroed_at: Option<Instant>,
@@ -145,6 +148,7 @@ pub(super) struct AllocatorState {
     workspaces: WorkspaceSettings,
     settings: Arc<AllocatorSettings>,
     registry: Registry,
+    work: TaskGroup,
     entries: HashMap<WorkspaceKey, Entry>,
     by_actor: HashMap<ActorId, WorkspaceKey>,
     draining: bool,
@@ -175,6 +179,7 @@ impl Actor for AllocatorActor {
             workspaces: args.workspaces,
             settings: args.settings,
             registry: args.registry,
+            work: args.work,
             entries: HashMap::new(),
             by_actor: HashMap::new(),
             draining: false,
@@ -272,20 +277,24 @@ async fn activation(
     key: WorkspaceKey,
     fence: Option<Fence>,
     supervisor: ActorCell,
-) -> Result<(Workspace, Fence), OpError> {
+) -> Result<(Workspace, Fence), RegisterError> {
     let fence = match fence {
         Some(fence) => fence,
         None => {
             let lease_ms = settings.lease.as_millis() as i64;
-            match store.claim(&key, &settings.server_tag, lease_ms).await? {
+            let claimed = store
+                .claim(&key, &settings.server_tag, lease_ms)
+                .await
+                .map_err(OpError::from)?;
+            match claimed {
                 ClaimOutcome::Owned(claim) => claim.fence().ok_or_else(|| {
                     OpError::internal("claiming the workspace", "an owned claim without an owner")
                 })?,
                 ClaimOutcome::HeldBy(claim) => {
-                    return Err(unavailable(format!(
-                        "workspace {key} is served by node {}; connect there",
-                        claim.server_tag.unwrap_or_default()
-                    )));
+                    return Err(RegisterError::HeldBy {
+                        key,
+                        owner: claim.server_tag.unwrap_or_default(),
+                    });
                 }
             }
         }
@@ -338,7 +347,7 @@ impl AllocatorState {
             self.workspaces.clone(),
         );
         let (key, fence, myself) = (key.clone(), entry.fence.clone(), myself.clone());
-        tokio::spawn(async move {
+        self.work.spawn(async move {
             let result = activation(
                 store,
                 settings,
@@ -362,12 +371,10 @@ impl AllocatorState {
         session: SessionInfo,
         key: WorkspaceKey,
         events: EventSink,
-        reply: RpcReplyPort<Result<Workspace, OpError>>,
+        reply: RpcReplyPort<Result<Workspace, RegisterError>>,
     ) {
         if self.draining {
-            let _ = reply.send(Err(unavailable(
-                "this node is shutting down; reconnect to reach another",
-            )));
+            let _ = reply.send(Err(RegisterError::Draining));
             return;
         }
         let now = Instant::now();
@@ -376,10 +383,11 @@ impl AllocatorState {
         if let Phase::Failed { reason, until } = &entry.phase
             && *until > now
         {
-            let _ = reply.send(Err(unavailable(format!(
-                    "workspace {key} failed repeatedly and is stopped ({reason}); an operator can reset it, or retry in {} s",
-                    until.duration_since(now).as_secs() + 1
-                ))));
+            let _ = reply.send(Err(RegisterError::Failed {
+                key,
+                reason: reason.clone(),
+                retry_in: Some(until.duration_since(now)),
+            }));
             return;
         }
         entry.zeroed_at = None;
@@ -423,7 +431,7 @@ impl AllocatorState {
         &mut self,
         key: WorkspaceKey,
         generation: u64,
-        result: Result<(Workspace, Fence), OpError>,
+        result: Result<(Workspace, Fence), RegisterError>,
     ) {
         let current = self
             .entries
@@ -432,7 +440,7 @@ impl AllocatorState {
         if !current {
             // Superseded while it started (drained, reset, ...): not wanted.
             if let Ok((workspace, _)) = result {
-                tokio::spawn(async move { workspace.stop().await });
+                self.work.spawn(async move { workspace.stop().await });
             }
             return;
         }
@@ -467,12 +475,12 @@ impl AllocatorState {
                 }
             }
             Err(err) => {
-                tracing::warn!(workspace = %key, error = %err.message, "activation failed");
+                tracing::warn!(workspace = %key, error = %err, "activation failed");
                 for waiter in entry.waiters.drain(..) {
                     let _ = waiter.send(Err(err.clone()));
                 }
                 if restart.is_some() {
-                    let reason = format!("restarting failed: {}", err.message);
+                    let reason = format!("restarting failed: {err}");
                     self.fail(&key, reason, Instant::now() + window);
                 } else {
                     self.entries.remove(&key);
@@ -493,9 +501,11 @@ impl AllocatorState {
         });
         entry.sessions.clear();
         for waiter in entry.waiters.drain(..) {
-            let _ = waiter.send(Err(unavailable(format!(
-                "workspace {key} failed: {reason}"
-            ))));
+            let _ = waiter.send(Err(RegisterError::Failed {
+                key: key.clone(),
+                reason: reason.clone(),
+                retry_in: None,
+            }));
         }
         // The claim stays with this node (released by a drain, or reused
         // when the key is reset): releasing it from a task here could land
@@ -570,7 +580,10 @@ impl AllocatorState {
         };
         let Phase::Active(workspace) = &entry.phase else {
             if let Some(reply) = kill_reply {
-                let _ = reply.send(Err(unavailable(format!("workspace {key} is not active"))));
+                let _ = reply.send(Err(OpError::new(
+                    ErrorCode::Unavailable,
+                    format!("workspace {key} is not active"),
+                )));
             }
             return;
         };
@@ -584,7 +597,7 @@ impl AllocatorState {
         let fence = entry.fence.clone();
         publish(&self.registry, key, None);
         let (store, key, myself) = (self.store.clone(), key.clone(), myself.clone());
-        tokio::spawn(async move {
+        self.work.spawn(async move {
             let result = match workspace.save().await {
                 Err(err) => Err(err),
                 Ok(_) => {
@@ -746,9 +759,7 @@ impl AllocatorState {
                 reason: format!("workspace {key} moved to another node; connect again"),
             });
             for waiter in entry.waiters {
-                let _ = waiter.send(Err(unavailable(format!(
-                    "workspace {key} moved to another node; connect again"
-                ))));
+                let _ = waiter.send(Err(RegisterError::Moved { key: key.clone() }));
             }
             let stale = match entry.phase {
                 Phase::Active(workspace) | Phase::Stopping { workspace, .. } => Some(workspace),
@@ -766,9 +777,7 @@ impl AllocatorState {
         let mut live = Vec::new();
         for (key, entry) in self.entries.iter_mut() {
             for waiter in entry.waiters.drain(..) {
-                let _ = waiter.send(Err(unavailable(
-                    "this node is shutting down; reconnect to reach another",
-                )));
+                let _ = waiter.send(Err(RegisterError::Draining));
             }
             if let Phase::Active(workspace) = &entry.phase {
                 live.push((key.clone(), workspace.clone()));

@@ -8,14 +8,20 @@
 //!
 //! The allocator actor decides; it never waits. Activation (claim + unpack),
 //! saving and stopping run in tasks that report back with a message, so one
-//! slow workspace never holds up registers of another. Session rows and
+//! slow workspace never holds up registers of another. Those tasks and the
+//! heartbeat are tracked by the node's [`Shutdown`]: a drain waits for the
+//! saves under way before it releases the node's claims. Session rows and
 //! counts in the store are written by the [`Allocator`] handle in the
 //! caller's task. [`Allocator::get`] reads a shared map: no message, no
 //! database.
 //!
+//! Registers fail with a typed [`RegisterError`], never a bare error code:
+//! callers decide by variant, and clients get an `OpError` at the edge.
+//!
 //! It must never touch sockets or HTTP, and never run git or file work.
 
 mod actor;
+mod error;
 mod policy;
 
 use std::collections::HashMap;
@@ -25,13 +31,17 @@ use std::time::Duration;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use serde::Serialize;
-use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::protocol::{ErrorCode, LockInfo, OpError, SessionId};
+use crate::protocol::{LockInfo, OpError, SessionId};
+use crate::shutdown::{Shutdown, TaskGroup, Worker};
 use crate::storage::{Store, StoreError, WorkspaceKey, WsSession};
-use crate::workspace::{AttachInfo, EventSink, SessionInfo, Workspace, WorkspaceSettings};
+use crate::workspace::{
+    AttachInfo, CALL_TIMEOUT, EventSink, SessionInfo, Workspace, WorkspaceMsg, WorkspaceSettings,
+};
 use actor::{AllocatorActor, AllocatorArgs, AllocatorMsg};
+pub use error::RegisterError;
 pub use policy::RestartPolicy;
 
 /// What the allocator needs from the configuration.
@@ -142,23 +152,27 @@ pub struct Allocator {
     registry: Registry,
     store: Arc<dyn Store>,
     settings: Arc<AllocatorSettings>,
-    heartbeat: Arc<JoinHandle<()>>,
-}
-
-fn unavailable(message: impl Into<String>) -> OpError {
-    OpError::new(ErrorCode::Unavailable, message)
+    heartbeat: Arc<Worker>,
+    /// Activations, saves and stops under way.
+    work: TaskGroup,
 }
 
 /// How long handle calls wait for the allocator actor itself.
 const ALLOCATOR_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The least a drain waits for a heartbeat renewal in flight, so that none
+/// lands (announcing the node again) after the node's row was removed.
+const HEARTBEAT_END_WAIT: Duration = Duration::from_secs(1);
+
 impl Allocator {
     /// Wipes what this server tag left in the store, announces the node,
-    /// starts its heartbeat and the allocator actor.
+    /// starts its heartbeat and the allocator actor. Their tasks are
+    /// tracked by `shutdown`, and end when it stops if not drained before.
     pub async fn start(
         store: Arc<dyn Store>,
         workspaces: WorkspaceSettings,
         settings: AllocatorSettings,
+        shutdown: &Shutdown,
     ) -> Result<Allocator, StoreError> {
         let tag = settings.server_tag.clone();
         let wiped = store.wipe_server_tag(&tag).await?;
@@ -173,6 +187,7 @@ impl Allocator {
         liveness.renewed();
         let registry: Registry = Arc::default();
         let settings = Arc::new(settings);
+        let work = shutdown.group();
         let (actor, _) = Actor::spawn(
             None,
             AllocatorActor,
@@ -181,22 +196,22 @@ impl Allocator {
                 workspaces,
                 settings: settings.clone(),
                 registry: registry.clone(),
+                work: work.clone(),
             },
         )
         .await
         .map_err(|e| StoreError::Config(format!("starting the allocator: {e}")))?;
-        let heartbeat = tokio::spawn(heartbeat(
-            store.clone(),
-            settings.clone(),
-            liveness,
-            actor.clone(),
-        ));
+        let heartbeat = shutdown.spawn_worker({
+            let (store, settings, actor) = (store.clone(), settings.clone(), actor.clone());
+            |stop| heartbeat(store, settings, liveness, actor, stop)
+        });
         Ok(Allocator {
             actor,
             registry,
             store,
             settings,
             heartbeat: Arc::new(heartbeat),
+            work,
         })
     }
 
@@ -207,11 +222,11 @@ impl Allocator {
     async fn ask<T: Send + 'static>(
         &self,
         build: impl FnOnce(RpcReplyPort<T>) -> AllocatorMsg,
-    ) -> Result<T, OpError> {
+    ) -> Result<T, RegisterError> {
         match self.actor.call(build, Some(ALLOCATOR_TIMEOUT)).await {
             Ok(CallResult::Success(value)) => Ok(value),
-            Ok(CallResult::Timeout) => Err(unavailable("the node is overloaded; retry")),
-            Ok(CallResult::SenderError) | Err(_) => Err(unavailable("the node is shutting down")),
+            Ok(CallResult::Timeout) => Err(RegisterError::TimedOut),
+            Ok(CallResult::SenderError) | Err(_) => Err(RegisterError::Stopped),
         }
     }
 
@@ -222,7 +237,7 @@ impl Allocator {
         session: SessionInfo,
         key: &WorkspaceKey,
         events: impl Into<EventSink>,
-    ) -> Result<Registration, OpError> {
+    ) -> Result<Registration, RegisterError> {
         let row = WsSession {
             id: session.id.clone(),
             user_id: session.user_id,
@@ -240,7 +255,7 @@ impl Allocator {
         session: SessionInfo,
         key: &WorkspaceKey,
         events: EventSink,
-    ) -> Result<Registration, OpError> {
+    ) -> Result<Registration, RegisterError> {
         self.attach(session, key, events, None).await
     }
 
@@ -255,7 +270,7 @@ impl Allocator {
         key: &WorkspaceKey,
         events: EventSink,
         row: Option<WsSession>,
-    ) -> Result<Registration, OpError> {
+    ) -> Result<Registration, RegisterError> {
         let mut attempts = 0;
         loop {
             attempts += 1;
@@ -283,13 +298,13 @@ impl Allocator {
                 && let Err(err) = self.store.attach_session(row).await
             {
                 self.forget(&session.id, key);
-                return Err(err.into());
+                return Err(RegisterError::Refused(err.into()));
             }
-            match workspace.attach(session.clone(), events.clone()).await {
+            match attach_to(&workspace, session.clone(), events.clone()).await {
                 Ok(welcome) => return Ok(Registration { workspace, welcome }),
                 // The actor died between the two steps: it is being
                 // restarted, and registering again waits for that.
-                Err(err) if attempts < 3 && err.code == ErrorCode::Unavailable => continue,
+                Err(RegisterError::WorkspaceGone) if attempts < 3 => continue,
                 Err(err) => {
                     self.undo(&session.id, key, row.is_some()).await;
                     return Err(err);
@@ -349,15 +364,16 @@ impl Allocator {
 
     /// Clears a failed key so that it can be registered again.
     pub async fn reset(&self, key: &WorkspaceKey) -> Result<bool, OpError> {
-        self.ask(|reply| AllocatorMsg::Reset {
-            key: key.clone(),
-            reply,
-        })
-        .await
+        Ok(self
+            .ask(|reply| AllocatorMsg::Reset {
+                key: key.clone(),
+                reply,
+            })
+            .await?)
     }
 
     pub async fn stats(&self) -> Result<AllocatorStats, OpError> {
-        self.ask(|reply| AllocatorMsg::Stats { reply }).await
+        Ok(self.ask(|reply| AllocatorMsg::Stats { reply }).await?)
     }
 
     /// Every workspace this node knows, with what its actor reports.
@@ -381,8 +397,9 @@ impl Allocator {
     }
 
     /// Stops taking registers, saves and stops every workspace (in parallel,
-    /// within the drain timeout), releases the node's claims and removes its
-    /// rows. Registers afterwards answer `unavailable`.
+    /// within the drain timeout), waits for the saves and stops already
+    /// under way (garbage collection, a kill), releases the node's claims
+    /// and removes its rows. Registers afterwards answer `unavailable`.
     pub async fn drain(&self) -> DrainReport {
         let live = self
             .ask(|reply| AllocatorMsg::Drain { reply })
@@ -390,7 +407,7 @@ impl Allocator {
             .unwrap_or_default();
         let total = live.len();
         let saving = live.into_iter().map(|(key, workspace)| {
-            tokio::spawn(async move {
+            self.work.spawn(async move {
                 let saved = workspace.save().await;
                 if let Err(err) = &saved {
                     tracing::error!(workspace = %key, error = %err.message, "saving during drain failed");
@@ -409,7 +426,16 @@ impl Allocator {
                 _ => report.failed += 1,
             }
         }
-        self.heartbeat.abort();
+        // A save still running when the claims go would be refused by its
+        // fence: the rows are removed only after the work under way ends.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if let Err(running) = self.work.wait(left).await {
+            tracing::warn!(running, "saves or stops still running at the drain timeout");
+        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if !self.heartbeat.stop(left.max(HEARTBEAT_END_WAIT)).await {
+            tracing::warn!("a heartbeat was still renewing when the drain removed the node's row");
+        }
         let tag = &self.settings.server_tag;
         if let Err(err) = self.store.wipe_server_tag(tag).await {
             tracing::warn!(error = %err, "removing this node's rows during drain failed");
@@ -437,7 +463,7 @@ impl Allocator {
 
     /// Stops the allocator actor (after a drain).
     pub async fn stop(&self) {
-        self.heartbeat.abort();
+        self.heartbeat.stop(HEARTBEAT_END_WAIT).await;
         let _ = self
             .actor
             .stop_and_wait(None, Some(ALLOCATOR_TIMEOUT))
@@ -447,8 +473,35 @@ impl Allocator {
     /// Ends the allocator without draining, leaving rows behind as a crash
     /// would. For tests of what a restarted node finds.
     pub fn abandon(&self) {
-        self.heartbeat.abort();
+        self.heartbeat.cancel();
         self.actor.kill();
+    }
+}
+
+/// Hands a session to the workspace actor. Asked directly rather than
+/// through [`Workspace::attach`], so that an actor gone since it was handed
+/// out (a crash: registering again waits for its restart) is told apart
+/// from one that answered with an error.
+async fn attach_to(
+    workspace: &Workspace,
+    session: SessionInfo,
+    events: EventSink,
+) -> Result<AttachInfo, RegisterError> {
+    let called = workspace
+        .actor()
+        .call(
+            |reply| WorkspaceMsg::Attach {
+                session,
+                events,
+                reply: Some(reply),
+            },
+            Some(CALL_TIMEOUT),
+        )
+        .await;
+    match called {
+        Ok(CallResult::Success(answer)) => answer.map_err(RegisterError::Refused),
+        Ok(CallResult::Timeout) => Err(RegisterError::WorkspaceTimedOut(CALL_TIMEOUT)),
+        Ok(CallResult::SenderError) | Err(_) => Err(RegisterError::WorkspaceGone),
     }
 }
 
@@ -463,8 +516,9 @@ async fn announce(store: &dyn Store, settings: &AllocatorSettings) -> Result<(),
         .map(|_| ())
 }
 
-/// Renews this node's heartbeat until the task is aborted, and marks every
-/// renewal in `liveness` (workspaces stop writing when renewals stop: see
+/// Renews this node's heartbeat until `stop` is cancelled (checked between
+/// renewals, so one is never cut off halfway), and marks every renewal in
+/// `liveness` (workspaces stop writing when renewals stop: see
 /// [`crate::workspace::Liveness`]). After each renewal it drops the actors
 /// whose claim another node has taken over (this node was cut off or frozen
 /// for longer than the lease).
@@ -473,11 +527,15 @@ async fn heartbeat(
     settings: Arc<AllocatorSettings>,
     liveness: crate::workspace::Liveness,
     allocator: ActorRef<AllocatorMsg>,
+    stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(settings.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
         let renewed = match store.heartbeat(&settings.server_tag).await {
             Ok(true) => true,
             Ok(false) => {

@@ -29,11 +29,13 @@ use ractor_cluster::node::{NodeServerSessionInformation, NodeSessionMessage};
 use ractor_cluster::{NodeEventSubscription, NodeServerMessage};
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::router::router_of;
 use super::routes::{Inbound, Outbound};
 use super::wire::RouterMsg;
 use crate::allocator::Allocator;
+use crate::shutdown::Shutdown;
 use crate::storage::{NodeRow, Store};
 
 /// Pings a peer may miss in a row before it is disconnected.
@@ -154,10 +156,13 @@ pub struct Membership {
     notes_tx: mpsc::UnboundedSender<Note>,
     view: PeerTable,
     ping_counter: u64,
+    /// Tracks the dials and pings (each bounded by its own timeout).
+    tasks: Shutdown,
 }
 
 impl Membership {
     /// Subscribes to the node server's events and returns the task's state.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         settings: MembershipSettings,
         store: Arc<dyn Store>,
@@ -166,6 +171,7 @@ impl Membership {
         outbound: Outbound,
         inbound: Inbound,
         view: PeerTable,
+        tasks: Shutdown,
     ) -> (Membership, mpsc::UnboundedReceiver<Note>) {
         let (notes_tx, notes) = mpsc::unbounded_channel();
         let _ = server.cast(NodeServerMessage::SubscribeToEvents {
@@ -184,16 +190,23 @@ impl Membership {
             notes_tx,
             view,
             ping_counter: 0,
+            tasks,
         };
         (membership, notes)
     }
 
-    /// Runs rounds and handles node events until the task is aborted.
-    pub(super) async fn run(mut self, mut notes: mpsc::UnboundedReceiver<Note>) {
+    /// Runs rounds and handles node events until `stop` is cancelled
+    /// (checked between rounds, so a round is never cut off halfway).
+    pub(super) async fn run(
+        mut self,
+        mut notes: mpsc::UnboundedReceiver<Note>,
+        stop: CancellationToken,
+    ) {
         let mut tick = tokio::time::interval(self.settings.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = stop.cancelled() => return,
                 note = notes.recv() => match note {
                     Some(note) => self.note(note),
                     None => return,
@@ -353,7 +366,7 @@ impl Membership {
                 (now + backoff, (backoff * 2).min(MAX_BACKOFF)),
             );
             let server = self.server.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 match tokio::time::timeout(
                     DIAL_TIMEOUT,
                     ractor_cluster::client_connect(&server, addr.as_str()),
@@ -394,7 +407,7 @@ impl Membership {
                 self.notes_tx.clone(),
                 self.settings.ping_timeout,
             );
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let ok = match router_of(&name) {
                     Some(router) => matches!(
                         router.call(|reply| RouterMsg::Ping(n, reply), Some(timeout)).await,

@@ -17,6 +17,10 @@
 //! Without a cookie (`BRANCHD_CLUSTER_COOKIE`) the node runs alone: no
 //! listener, no routing, every key is served locally.
 //!
+//! A register that fails says why in an [`AttachError`]: routing decides on
+//! its variants (and the allocator's [`RegisterError`]), never on an error
+//! code; the gateway turns it into what the client is told.
+//!
 //! This module never touches a working copy or the WebSocket itself; it
 //! decides where a session's requests go and carries them there.
 
@@ -33,11 +37,11 @@ use ractor::{Actor, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 use serde::Serialize;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
-use crate::allocator::Allocator;
+use crate::allocator::{Allocator, RegisterError};
 use crate::config::Config;
 use crate::protocol::{ErrorCode, Event, Op, OpError, SessionId};
+use crate::shutdown::{Shutdown, Worker};
 use crate::storage::{Backend, Store, StoreError, WorkspaceKey, WsSession};
 use crate::workspace::{AttachInfo, Responder, SessionInfo, Workspace, WorkspaceMsg};
 use membership::{Membership, MembershipSettings, PeerTable, PeerView};
@@ -49,11 +53,15 @@ use wire::{AttachReply, AttachRequest, DetachRequest, OpReply, OpRequest, Router
 /// (process groups synchronise a few ms after a peer connects).
 const FIND_OWNER_WAIT: Duration = Duration::from_secs(2);
 
+/// How long leaving the cluster waits for a membership round in flight and
+/// for the node server to stop.
+const LEAVE_WAIT: Duration = Duration::from_secs(5);
+
 /// This node's part in the cluster (absent on a single node).
 struct Node {
     server: ActorRef<NodeServerMessage>,
     router: ActorRef<RouterMsg>,
-    membership: JoinHandle<()>,
+    membership: Worker,
     cluster_addr: String,
 }
 
@@ -67,6 +75,7 @@ struct Inner {
     inbound: Inbound,
     peers: PeerTable,
     node: Option<Node>,
+    tasks: Shutdown,
 }
 
 /// The handle on this node's place in the cluster.
@@ -96,6 +105,8 @@ pub enum Route {
         owner: String,
         key: WorkspaceKey,
         timeout: Duration,
+        /// Tracks the wait for each answer (at most `timeout`).
+        tasks: Shutdown,
     },
 }
 
@@ -125,6 +136,7 @@ impl Route {
                 key,
                 timeout,
                 owner,
+                tasks,
             } => {
                 let request = OpRequest {
                     key: key.clone(),
@@ -141,7 +153,7 @@ impl Route {
                     return;
                 }
                 let (timeout, owner) = (*timeout, owner.clone());
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let result = match tokio::time::timeout(timeout, answer).await {
                         Ok(Ok(bytes)) => {
                             wire::decode::<OpReply>(&bytes, "op reply").and_then(|result| result)
@@ -163,6 +175,40 @@ impl Route {
 
 fn unavailable(message: impl Into<String>) -> OpError {
     OpError::new(ErrorCode::Unavailable, message)
+}
+
+/// Why a session could not be attached to its workspace, here or on the
+/// node that owns it.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Registering on this node failed.
+    #[error(transparent)]
+    Local(#[from] RegisterError),
+    /// Reading the claim, the nodes or writing the session row failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The owner is live by the database but this node has no session with it.
+    #[error("workspace {key} is served by node {owner}, which this node cannot reach; retry")]
+    Unreachable { key: WorkspaceKey, owner: String },
+    /// The owner did not answer the attach within the peer timeout.
+    #[error("node {owner}, which serves workspace {key}, did not answer; retry")]
+    NoAnswer { key: WorkspaceKey, owner: String },
+    /// The owner refused the session (the error crossed the wire already in
+    /// client terms), or its answer could not be read.
+    #[error("{}", .0.message)]
+    Owner(OpError),
+}
+
+/// The edge: what a client is told.
+impl From<AttachError> for OpError {
+    fn from(err: AttachError) -> Self {
+        match err {
+            AttachError::Local(err) => err.into(),
+            AttachError::Store(err) => err.into(),
+            AttachError::Owner(err) => err,
+            other => unavailable(other.to_string()),
+        }
+    }
 }
 
 /// The cluster as one node sees it, for operators.
@@ -205,11 +251,13 @@ pub struct RoutedOut {
 
 impl Cluster {
     /// Joins the cluster if a cookie is configured (starting the node
-    /// server, the router and membership); otherwise runs alone.
+    /// server, the router and membership, whose tasks `shutdown` tracks);
+    /// otherwise runs alone.
     pub async fn start(
         config: &Config,
         store: Arc<dyn Store>,
         allocator: Allocator,
+        shutdown: &Shutdown,
     ) -> anyhow::Result<Cluster> {
         let server_tag = allocator.server_tag().to_string();
         let (outbound, inbound, peers) = (
@@ -235,6 +283,7 @@ impl Cluster {
                         outbound.clone(),
                         inbound.clone(),
                         peers.clone(),
+                        shutdown,
                     )
                     .await?,
                 )
@@ -250,6 +299,7 @@ impl Cluster {
             inbound,
             peers,
             node,
+            tasks: shutdown.clone(),
         })))
     }
 
@@ -258,7 +308,7 @@ impl Cluster {
     }
 
     /// The live node other than this one that owns `key`, if any.
-    async fn remote_owner(&self, key: &WorkspaceKey) -> Result<Option<String>, OpError> {
+    async fn remote_owner(&self, key: &WorkspaceKey) -> Result<Option<String>, StoreError> {
         let Some(owner) = self.0.store.claim_of(key).await?.and_then(|c| c.server_tag) else {
             return Ok(None);
         };
@@ -277,7 +327,7 @@ impl Cluster {
         session: SessionInfo,
         key: &WorkspaceKey,
         events: mpsc::Sender<Event>,
-    ) -> Result<Attachment, OpError> {
+    ) -> Result<Attachment, AttachError> {
         let local = |registration: crate::allocator::Registration| Attachment {
             route: Route::Local {
                 allocator: self.0.allocator.clone(),
@@ -301,13 +351,14 @@ impl Cluster {
             {
                 Ok(registration) => return Ok(local(registration)),
                 // Another node claimed it first: join it there.
-                Err(err) if err.code == ErrorCode::Unavailable => {
-                    match self.remote_owner(key).await? {
-                        Some(owner) => owner,
-                        None => return Err(err),
-                    }
-                }
-                Err(err) => return Err(err),
+                Err(RegisterError::HeldBy { owner, .. }) => owner,
+                // Another node took it over while this one waited: join
+                // the new owner, if the claim names one yet.
+                Err(err @ RegisterError::Moved { .. }) => match self.remote_owner(key).await? {
+                    Some(owner) => owner,
+                    None => return Err(err.into()),
+                },
+                Err(err) => return Err(err.into()),
             },
         };
         self.register_remote(session, key, events, owner).await
@@ -319,7 +370,7 @@ impl Cluster {
         key: &WorkspaceKey,
         events: mpsc::Sender<Event>,
         owner: String,
-    ) -> Result<Attachment, OpError> {
+    ) -> Result<Attachment, AttachError> {
         let id = session.id.clone();
         let row = WsSession {
             id: id.clone(),
@@ -345,13 +396,14 @@ impl Cluster {
         key: &WorkspaceKey,
         owner: &str,
         row: WsSession,
-    ) -> Result<Attachment, OpError> {
+    ) -> Result<Attachment, AttachError> {
         self.0.store.attach_session(&row).await?;
-        let router = find_router(key, owner).await.ok_or_else(|| {
-            unavailable(format!(
-                "workspace {key} is served by node {owner}, which this node cannot reach; retry"
-            ))
-        })?;
+        let router = find_router(key, owner)
+            .await
+            .ok_or_else(|| AttachError::Unreachable {
+                key: key.clone(),
+                owner: owner.to_string(),
+            })?;
         let request = AttachRequest {
             key: key.clone(),
             session,
@@ -366,18 +418,22 @@ impl Cluster {
         let bytes = match called {
             Ok(ractor::rpc::CallResult::Success(bytes)) => bytes,
             _ => {
-                return Err(unavailable(format!(
-                    "node {owner}, which serves workspace {key}, did not answer; retry"
-                )));
+                return Err(AttachError::NoAnswer {
+                    key: key.clone(),
+                    owner: owner.to_string(),
+                });
             }
         };
-        let welcome = wire::decode::<AttachReply>(&bytes, "attach reply")??;
+        let welcome = wire::decode::<AttachReply>(&bytes, "attach reply")
+            .and_then(|reply| reply)
+            .map_err(AttachError::Owner)?;
         Ok(Attachment {
             route: Route::Remote {
                 router,
                 owner: owner.to_string(),
                 key: key.clone(),
                 timeout: self.0.peer_timeout,
+                tasks: self.0.tasks.clone(),
             },
             welcome,
             owner: owner.to_string(),
@@ -458,11 +514,13 @@ impl Cluster {
     /// sessions close and send their clients elsewhere.
     pub async fn stop(&self) {
         if let Some(node) = &self.0.node {
-            node.membership.abort();
+            if !node.membership.stop(LEAVE_WAIT).await {
+                tracing::warn!("a membership round was still running when the node left");
+            }
             node.router.stop(None);
             let _ = node
                 .server
-                .stop_and_wait(Some("shutting down".into()), Some(Duration::from_secs(5)))
+                .stop_and_wait(Some("shutting down".into()), Some(LEAVE_WAIT))
                 .await;
         }
     }
@@ -499,6 +557,7 @@ async fn start_node(
     outbound: Outbound,
     inbound: Inbound,
     peers: PeerTable,
+    shutdown: &Shutdown,
 ) -> anyhow::Result<Node> {
     // Fail with a clear message if the port is taken (the listener would
     // only log it).
@@ -530,6 +589,7 @@ async fn start_node(
             server_tag: server_tag.to_string(),
             outbound: outbound.clone(),
             inbound: inbound.clone(),
+            tasks: shutdown.clone(),
         },
     )
     .await
@@ -573,8 +633,9 @@ async fn start_node(
         outbound,
         inbound,
         peers,
+        shutdown.clone(),
     );
-    let membership = tokio::spawn(membership.run(notes));
+    let membership = shutdown.spawn_worker(|stop| membership.run(notes, stop));
     tracing::info!(%cluster_addr, bind = %bind, "cluster node started");
     Ok(Node {
         server,

@@ -28,6 +28,7 @@ use super::wire::{
 };
 use crate::allocator::Allocator;
 use crate::protocol::{ErrorCode, Event, OpError};
+use crate::shutdown::Shutdown;
 use crate::storage::WorkspaceKey;
 use crate::workspace::{Audience, EventSink, RemoteRelay, Responder, WorkspaceMsg};
 
@@ -38,6 +39,8 @@ pub struct RouterState {
     pub server_tag: String,
     pub outbound: Outbound,
     pub inbound: Inbound,
+    /// Tracks the attach tasks, which may wait for an activation.
+    pub tasks: Shutdown,
 }
 
 impl Actor for RouterActor {
@@ -102,17 +105,19 @@ impl RouterState {
             }
         };
         let (allocator, inbound) = (self.allocator.clone(), self.inbound.clone());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let AttachRequest { key, session, node } = request;
             let sink = EventSink::Remote(Arc::new(NodeRelay {
                 node: node.clone(),
                 key: key.clone(),
             }));
             let id = session.id.clone();
+            // The wire edge: the calling node gets the error in client terms.
             let answer: AttachReply = allocator
                 .register_remote(session, &key, sink)
                 .await
-                .map(|registration| registration.welcome);
+                .map(|registration| registration.welcome)
+                .map_err(OpError::from);
             if answer.is_ok() {
                 inbound.add(&node, &id, &key);
             }

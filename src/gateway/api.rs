@@ -38,7 +38,7 @@ pub async fn healthz() -> Json<Status> {
 /// Ready when the node is not draining, the database answers and every
 /// migration is applied.
 pub async fn readyz(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
-    if *state.draining.borrow() {
+    if state.shutdown.is_draining() {
         return Err(ApiError::new(
             ErrorCode::Unavailable,
             "this node is shutting down",

@@ -22,7 +22,6 @@ use axum::http::{Method, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
 use serde::de::DeserializeOwned;
-use tokio::sync::watch;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -31,6 +30,7 @@ use crate::allocator::Allocator;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::protocol::ErrorCode;
+use crate::shutdown::{Shutdown, TaskGroup};
 use crate::storage::Store;
 use error::ApiError;
 
@@ -44,14 +44,12 @@ pub struct AppState {
     pub allocator: Allocator,
     /// Where sessions are attached: here, or on the node that owns the workspace.
     pub cluster: Cluster,
-    /// Turns true when shutdown begins: readiness answers 503, new sockets
+    /// Draining once shutdown begins: readiness answers 503, new sockets
     /// are refused and open ones are told to reconnect.
-    pub draining: watch::Receiver<bool>,
-}
-
-/// Resolves once a `watch` flag is set (or its sender is gone).
-pub async fn until_set(flag: &mut watch::Receiver<bool>) {
-    let _ = flag.wait_for(|set| *set).await;
+    pub shutdown: Shutdown,
+    /// Every socket task (and its session's removal): the drain waits for
+    /// them to have said `reconnect` before it stops their workspaces.
+    pub sockets: TaskGroup,
 }
 
 /// The whole HTTP API.

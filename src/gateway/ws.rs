@@ -95,8 +95,11 @@ pub async fn upgrade(
                 // Frames up to twice the limit are read and answered with
                 // `too_large`; beyond that the socket is closed (1009).
                 let hard_limit = state.config.max_frame.saturating_mul(2);
-                configured(upgrade, hard_limit)
-                    .on_upgrade(move |socket| serve(socket, state, target))
+                let counted = state.sockets.token();
+                configured(upgrade, hard_limit).on_upgrade(move |socket| async move {
+                    serve(socket, state, target).await;
+                    drop(counted);
+                })
             }
         },
     }
@@ -138,8 +141,14 @@ pub async fn echo(
     let Ok(upgrade) = upgrade else {
         return ApiError::bad_request("GET /ws/echo takes a WebSocket upgrade").into_response();
     };
+    // Not a session: it ends when the node stops, not at the drain.
+    let (counted, stopping) = (
+        state.shutdown.tracker().token(),
+        state.shutdown.stopping().clone(),
+    );
     configured(upgrade, state.config.max_frame).on_upgrade(|mut socket| async move {
-        while let Some(Ok(message)) = socket.recv().await {
+        let _counted = counted;
+        while let Some(Some(Ok(message))) = stopping.run_until_cancelled(socket.recv()).await {
             let reply = match message {
                 Message::Binary(bytes) => Message::Binary(bytes),
                 Message::Close(_) => break,
@@ -160,7 +169,7 @@ async fn admit(
     query_token: Option<String>,
 ) -> Result<super::auth::AuthUser, ApiError> {
     let caller = authenticate(state, &token_of(headers, query_token)?).await?;
-    if *state.draining.borrow() {
+    if state.shutdown.is_draining() {
         return Err(ApiError::new(
             ErrorCode::Unavailable,
             "this node is shutting down; connect again to reach another",
@@ -427,6 +436,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
     let registration = match state.cluster.register(session.clone(), &key, events).await {
         Ok(registration) => registration,
         Err(err) => {
+            let err = OpError::from(err); // the edge: what the client is told
             tracing::info!(workspace = %key, error = %err.message, "connection refused by the workspace");
             close_with(&mut sink, err.code, 1011, &err.message).await;
             return;
@@ -437,6 +447,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
         session: session.id.clone(),
         key: key.clone(),
         route: registration.route.clone(),
+        tasks: state.sockets.clone(),
     };
     let node = state.server_tag.to_string();
     let welcome = Event::Welcome(Welcome {
@@ -477,7 +488,8 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
     .ok()
     .map(|(pinger, _)| pinger);
 
-    let mut draining = state.draining.clone();
+    let draining = state.shutdown.draining().clone().cancelled_owned();
+    tokio::pin!(draining);
     loop {
         tokio::select! {
             frame = stream.next() => match frame {
@@ -530,7 +542,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
                     break;
                 }
             },
-            _ = super::until_set(&mut draining) => {
+            _ = &mut draining => {
                 let reconnect = encode(&Event::Reconnect {
                     reason: "this node is shutting down; connect again".into(),
                 });
@@ -556,6 +568,7 @@ struct SessionGuard {
     session: SessionId,
     key: WorkspaceKey,
     route: Route,
+    tasks: crate::shutdown::TaskGroup,
 }
 
 impl Drop for SessionGuard {
@@ -566,7 +579,8 @@ impl Drop for SessionGuard {
             self.route.clone(),
         );
         tracing::info!(workspace = %self.key, session = %session, "disconnected");
-        tokio::spawn(async move { cluster.deregister(&session, &route).await });
+        self.tasks
+            .spawn(async move { cluster.deregister(&session, &route).await });
     }
 }
 

@@ -192,7 +192,7 @@ impl WorkspaceState {
             self.settings.snapshots_kept,
         );
         let myself = myself.clone();
-        tokio::spawn(async move {
+        self.settings.tasks.spawn(async move {
             let packed = blocking("packing the working dir", move || {
                 snapshot::pack(copy.path())
                     .map_err(|e| OpError::internal("packing the working dir", e))

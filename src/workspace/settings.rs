@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::task::TaskTracker;
+
 use super::files::{CachePool, FileLimits};
 use super::liveness::Liveness;
 use super::lock::LockLimits;
@@ -37,6 +39,10 @@ pub struct WorkspaceSettings {
     /// every workspace made from these settings, as is the file cache's
     /// pool in `files`).
     pub compile: CompileSettings,
+    /// Where the workspace's background work (saves, compiles) is
+    /// spawned, so that shutdown can wait for it; the node's tracker in a
+    /// server ([`crate::shutdown::Shutdown::tracker`]), a fresh one elsewhere.
+    pub tasks: TaskTracker,
 }
 
 impl WorkspaceSettings {
@@ -57,6 +63,7 @@ impl WorkspaceSettings {
             autosave_max: config.autosave_max,
             liveness: Liveness::new(config.lease / 2),
             compile: CompileSettings::from_config(config),
+            tasks: TaskTracker::new(),
         }
     }
 }

@@ -19,7 +19,7 @@ pub(super) fn compile(ws: &mut WorkspaceState, cx: &Ctx<'_>, entry: &str, reply:
     let cache = ws.compile_cache.clone();
     let myself = cx.myself.clone();
     let by = cx.who.doer();
-    tokio::spawn(async move {
+    ws.settings.tasks.spawn(async move {
         match settings.run(cache, entry.clone()).await {
             Ok(compiled) => {
                 reply.send(Ok(Reply::Compiled {
