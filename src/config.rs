@@ -269,18 +269,35 @@ pub struct Config {
     pub compile_max_shape_depth: u32,
 }
 
+/// The configuration's flags as a command of their own.
+#[derive(clap::Parser)]
+struct OnlyConfig {
+    #[command(flatten)]
+    config: Config,
+}
+
+/// [`OnlyConfig`]'s command with every environment variable unbound.
+fn defaults_only() -> clap::Command {
+    use clap::CommandFactory;
+    OnlyConfig::command().mut_args(|arg| arg.env(None))
+}
+
 impl Config {
     /// The configuration `branchd serve` would use with no flags: defaults,
     /// overridden by any `BRANCHD_*` variables set. A starting point for
     /// tests and tools that build a server in-process.
     pub fn from_env() -> Result<Config, clap::Error> {
         use clap::Parser;
-        #[derive(Parser)]
-        struct Only {
-            #[command(flatten)]
-            config: Config,
-        }
-        Only::try_parse_from(["branchd"]).map(|only| only.config)
+        OnlyConfig::try_parse_from(["branchd"]).map(|only| only.config)
+    }
+
+    /// The defaults alone, whatever `BRANCHD_*` variables the environment
+    /// holds: what tests start from, so a developer's own settings (a
+    /// `BRANCHD_LISTEN`, a cookie, a database URL) never leak into them.
+    pub fn for_tests() -> Result<Config, clap::Error> {
+        use clap::FromArgMatches;
+        let matches = defaults_only().try_get_matches_from(["branchd"])?;
+        OnlyConfig::from_arg_matches(&matches).map(|only| only.config)
     }
 
     /// The directory working copies are unpacked into.
@@ -388,6 +405,25 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_configs_read_no_environment_variable() {
+        use clap::CommandFactory;
+        let bound = OnlyConfig::command()
+            .get_arguments()
+            .filter(|arg| arg.get_env().is_some())
+            .count();
+        assert!(bound > 30, "the flags read BRANCHD_* variables");
+        let unbound: Vec<String> = defaults_only()
+            .get_arguments()
+            .filter_map(|arg| arg.get_env().map(|env| env.to_string_lossy().into_owned()))
+            .collect();
+        assert!(unbound.is_empty(), "still read: {unbound:?}");
+        let config = Config::for_tests().expect("the defaults parse");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.lease, Duration::from_secs(5));
+        assert!(config.cluster_cookie.is_none());
+    }
 
     #[test]
     fn durations_parse_with_units_and_reject_nonsense() {

@@ -427,7 +427,7 @@ async fn a_shape_at_the_depth_limit_travels_and_one_level_more_is_refused() {
     let project = project["id"].as_i64().expect("id");
     let client = connect(&server, &admin, project).await;
     let mut other = connect(&server, &admin, project).await;
-    let depth = branchd::config::Config::from_env()
+    let depth = branchd::config::Config::for_tests()
         .expect("config")
         .compile_max_shape_depth;
     let deep = |levels: u32| {

@@ -129,7 +129,7 @@ mod tests {
             )
             .await
             .expect("project");
-        let mut config = Config::from_env().expect("config");
+        let mut config = Config::for_tests().expect("the default config");
         config.database.data_dir = data.path().to_path_buf();
         config.workspace_dir = None;
         let key = WorkspaceKey::new(project.id, "main");

@@ -167,7 +167,7 @@ impl TestServer {
     /// Starts with the test defaults, changed by `adjust`.
     pub async fn start_with(db: TestDb, adjust: impl FnOnce(&mut Config)) -> TestServer {
         let data = tempfile::tempdir().expect("data dir");
-        let mut config = Config::from_env().expect("config from environment");
+        let mut config = Config::for_tests().expect("the default config");
         config.listen = "127.0.0.1:0".parse().expect("addr");
         config.database.database_url = Some(db.url.clone());
         config.database.data_dir = data.path().to_path_buf();
@@ -324,7 +324,7 @@ impl Setup {
     pub async fn new(db: TestDb, adjust: impl FnOnce(&mut Config)) -> Setup {
         let store = db.open().await;
         let data = tempfile::tempdir().expect("data dir");
-        let mut config = Config::from_env().expect("config");
+        let mut config = Config::for_tests().expect("the default config");
         config.database.data_dir = data.path().to_path_buf();
         config.database.database_url = Some(db.url.clone());
         config.workspace_dir = None;
