@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod error;
 pub mod ops;
+mod socket;
 pub mod ws;
 
 use std::sync::Arc;
