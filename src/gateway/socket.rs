@@ -373,7 +373,7 @@ impl Connection {
     /// Decodes one binary frame and sends its op on, or answers it.
     fn frame(&mut self, bytes: &[u8]) {
         let (id, op) = match codec::decode_request(bytes, self.max_frame) {
-            Err((id, err)) => return self.answer(id, err),
+            Err(bad) => return self.answer(bad.id, bad.error),
             Ok(Request::Ping { id }) => {
                 let pong = codec::pong_frame(id, &self.node);
                 let _ = self.outbox.send(Outgoing::Frame(binary(pong)));

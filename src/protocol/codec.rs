@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Op, OpError, OpResult, ok_frame};
+use super::{Op, OpError, OpKind, OpResult, ok_frame};
 
 /// A request frame the server can act on.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,6 +23,24 @@ pub enum Request {
     },
 }
 
+/// A frame the server cannot use: the error to answer with, and the
+/// frame's id when it had a usable one (without one, the answer is an
+/// `error` event).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadFrame {
+    pub id: Option<u64>,
+    pub error: OpError,
+}
+
+impl BadFrame {
+    fn new(id: Option<u64>, message: impl Into<String>) -> BadFrame {
+        BadFrame {
+            id,
+            error: OpError::bad_request(message),
+        }
+    }
+}
+
 /// What [`decode_request`] reads of a frame before the op itself: its id
 /// and op name, as found (their types are checked after), every other field
 /// skipped unread. Reading the frame straight into its [`Op`] afterwards
@@ -34,10 +52,6 @@ struct Head<'a> {
     op: Option<rmpv::ValueRef<'a>>,
 }
 
-/// The text of a [`Head`] decoding error for a frame that is MessagePack
-/// but not a map.
-const NOT_A_MAP: &str = "a frame map";
-
 impl<'de> Deserialize<'de> for Head<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         struct Fields;
@@ -45,7 +59,7 @@ impl<'de> Deserialize<'de> for Head<'de> {
             type Value = Head<'de>;
 
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str(NOT_A_MAP)
+                f.write_str("a frame map")
             }
 
             fn visit_map<A: serde::de::MapAccess<'de>>(
@@ -77,10 +91,35 @@ fn text<'v>(value: &'v rmpv::ValueRef) -> Option<&'v str> {
     }
 }
 
-/// Decodes one request frame of at most `max_frame` bytes; anything wrong
-/// comes back as the error to answer with (and the frame's id, when it had
-/// a usable one).
-pub fn decode_request(bytes: &[u8], max_frame: u64) -> Result<Request, (Option<u64>, OpError)> {
+/// Reads a frame's [`Head`]. Whether the frame is a map is read from its
+/// first byte (the MessagePack marker), so that "not a map" and "not
+/// MessagePack" are told apart by what the bytes are, not by a decoder's
+/// wording.
+fn read_head(bytes: &[u8]) -> Result<Head<'_>, BadFrame> {
+    let invalid = |e: rmp_serde::decode::Error| {
+        BadFrame::new(None, format!("the frame is not valid MessagePack: {e}"))
+    };
+    let is_map = matches!(
+        bytes.first().map(|&b| rmp::Marker::from_u8(b)),
+        Some(rmp::Marker::FixMap(_) | rmp::Marker::Map16 | rmp::Marker::Map32)
+    );
+    if !is_map {
+        return Err(
+            match rmp_serde::from_slice::<serde::de::IgnoredAny>(bytes) {
+                Ok(_) => BadFrame::new(None, "a frame must be a MessagePack map with named fields"),
+                Err(e) => invalid(e),
+            },
+        );
+    }
+    // A map's keys and values are read as any MessagePack value, so the
+    // only way this fails is bytes that are not MessagePack.
+    rmp_serde::from_slice(bytes).map_err(invalid)
+}
+
+/// Decodes one request frame of at most `max_frame` bytes. Each step knows
+/// what it checks (size, shape, id, op name, then the op's arguments), so
+/// the error says what is wrong without reading another error's text.
+pub fn decode_request(bytes: &[u8], max_frame: u64) -> Result<Request, BadFrame> {
     if bytes.len() as u64 > max_frame {
         #[derive(Deserialize)]
         struct IdOnly {
@@ -89,57 +128,46 @@ pub fn decode_request(bytes: &[u8], max_frame: u64) -> Result<Request, (Option<u
         let id = rmp_serde::from_slice::<IdOnly>(bytes)
             .ok()
             .and_then(|f| f.id);
-        return Err((
+        return Err(BadFrame {
             id,
-            OpError::too_large(format!(
+            error: OpError::too_large(format!(
                 "the frame is {} bytes; the limit is {max_frame} (BRANCHD_MAX_FRAME)",
                 bytes.len()
             )),
-        ));
+        });
     }
-    let head: Head = rmp_serde::from_slice(bytes).map_err(|e| {
-        let message = if e.to_string().contains(NOT_A_MAP) {
-            "a frame must be a MessagePack map with named fields".to_string()
-        } else {
-            format!("the frame is not valid MessagePack: {e}")
-        };
-        (None, OpError::bad_request(message))
-    })?;
+    let head = read_head(bytes)?;
     let id = match head.id {
         None => None,
         Some(value) => Some(
             value
                 .as_u64()
-                .ok_or_else(|| (None, OpError::bad_request("id must be an unsigned integer")))?,
+                .ok_or_else(|| BadFrame::new(None, "id must be an unsigned integer"))?,
         ),
     };
-    let op = match head.op {
-        None => return Err((id, OpError::bad_request("the frame has no op"))),
-        Some(ref op) => {
-            text(op).ok_or_else(|| (id, OpError::bad_request("op must be a string")))?
-        }
+    let name = match head.op {
+        None => return Err(BadFrame::new(id, "the frame has no op")),
+        Some(ref op) => text(op).ok_or_else(|| BadFrame::new(id, "op must be a string"))?,
     };
     let Some(id) = id else {
-        return Err((
+        return Err(BadFrame::new(
             None,
-            OpError::bad_request(format!(
-                "the {op} request has no id: every request needs one"
-            )),
+            format!("the {name} request has no id: every request needs one"),
         ));
     };
-    if op == "ping" {
+    if name == "ping" {
         return Ok(Request::Ping { id });
     }
-    let decoded: Op = rmp_serde::from_slice(bytes).map_err(|e| {
-        let detail = e.to_string();
-        let message = if detail.contains("unknown variant") {
-            format!("unknown op {op:?}; docs/protocol.md lists the ops")
-        } else {
-            format!("bad arguments for {op}: {detail}")
-        };
-        (Some(id), OpError::bad_request(message))
-    })?;
-    Ok(Request::Op { id, op: decoded })
+    let Some(kind) = OpKind::parse(name) else {
+        return Err(BadFrame::new(
+            Some(id),
+            format!("unknown op {name:?}; docs/protocol.md lists the ops"),
+        ));
+    };
+    // The op is known, so whatever fails from here is its arguments.
+    let op = rmp_serde::from_slice::<Op>(bytes)
+        .map_err(|e| BadFrame::new(Some(id), format!("bad arguments for {}: {e}", kind.name())))?;
+    Ok(Request::Op { id, op })
 }
 
 /// Encodes a server frame (an event, say); our own types always encode.
@@ -198,8 +226,8 @@ mod tests {
 
     fn error_of(bytes: &[u8]) -> (Option<u64>, String) {
         match decode_request(bytes, LIMIT) {
-            Err((id, err)) => (id, err.message),
-            Ok(_) => panic!("expected an error"),
+            Err(BadFrame { id, error }) => (id, error.message),
+            Ok(request) => panic!("expected an error, got {request:?}"),
         }
     }
 
@@ -250,6 +278,17 @@ mod tests {
             message.starts_with("bad arguments for read_file"),
             "{message}"
         );
+        let (id, message) = error_of(&msgpack(serde_json::json!({"id": 8})));
+        assert_eq!((id, message.as_str()), (Some(8), "the frame has no op"));
+        let (id, message) = error_of(&msgpack(serde_json::json!({"id": 9, "op": 1})));
+        assert_eq!((id, message.as_str()), (Some(9), "op must be a string"));
+        let (id, message) = error_of(&[]);
+        assert_eq!(id, None);
+        assert!(message.contains("not valid MessagePack"), "{message}");
+        // A map cut short is not MessagePack, though it starts like a map.
+        let (id, message) = error_of(&[0x82, 0xa2, b'i']);
+        assert_eq!(id, None);
+        assert!(message.contains("not valid MessagePack"), "{message}");
         // Fields a request does not know are skipped, as before.
         assert!(matches!(
             decode_request(
@@ -261,5 +300,29 @@ mod tests {
                 op: Op::Lock { ttl_ms: None }
             })
         ));
+    }
+
+    #[test]
+    fn a_known_op_with_bad_arguments_is_never_called_unknown() {
+        use strum::IntoEnumIterator;
+        for kind in crate::protocol::OpKind::iter() {
+            let frame = rmp_serde::to_vec_named(
+                &serde_json::json!({"id": 1, "op": kind.name(), "path": [], "entry": [], "name": [], "from": [], "message": []}),
+            )
+            .expect("encode");
+            match decode_request(&frame, LIMIT) {
+                Ok(_) => {}
+                Err(BadFrame { id, error }) => {
+                    assert_eq!(id, Some(1));
+                    assert!(
+                        error
+                            .message
+                            .starts_with(&format!("bad arguments for {}: ", kind.name())),
+                        "{}",
+                        error.message
+                    );
+                }
+            }
+        }
     }
 }
