@@ -13,15 +13,16 @@
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, Uri};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::AppState;
-use super::auth::authenticate;
+use super::access::access;
+use super::auth::{AuthUser, TokenFrom, authenticate, bearer_token};
 use super::error::ApiError;
 use super::socket::{Target, serve};
-use crate::protocol::{ErrorCode, Role, SessionId};
+use crate::protocol::{ErrorCode, SessionId};
 use crate::storage::WorkspaceKey;
 use crate::workspace::SessionInfo;
 
@@ -35,7 +36,6 @@ pub const READ_BUFFER: usize = 8 * 1024;
 pub struct WsQuery {
     project: Option<String>,
     branch: Option<String>,
-    access_token: Option<String>,
 }
 
 /// The upgrade: authenticate, authorise and find the workspace, then hand
@@ -44,9 +44,10 @@ pub async fn upgrade(
     State(state): State<AppState>,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
+    uri: Uri,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    match prepare(&state, query, &headers).await {
+    match prepare(&state, query, &headers, &uri).await {
         Err(err) => err.into_response(),
         Ok(target) => match upgrade {
             Err(_) => ApiError::bad_request(
@@ -74,27 +75,16 @@ fn configured(upgrade: WebSocketUpgrade, limit: u64) -> WebSocketUpgrade {
         .max_frame_size(limit)
 }
 
-#[derive(Deserialize)]
-pub struct EchoQuery {
-    access_token: Option<String>,
-}
-
 /// `GET /ws/echo`: a diagnostics socket that sends every binary frame
 /// back unchanged (clients measure the network; the benchmarks compare an
 /// op's round trip with it). Needs any valid token.
 pub async fn echo(
     State(state): State<AppState>,
-    query: Result<Query<EchoQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
+    uri: Uri,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
-    if let Err(err) = admit(
-        &state,
-        &headers,
-        query.ok().and_then(|Query(q)| q.access_token),
-    )
-    .await
-    {
+    if let Err(err) = admit(&state, &headers, &uri).await {
         return err.into_response();
     }
     let Ok(upgrade) = upgrade else {
@@ -116,12 +106,9 @@ pub async fn echo(
 
 /// Who may open a socket: a valid token (header, else `access_token`) on a
 /// node that is not draining.
-async fn admit(
-    state: &AppState,
-    headers: &HeaderMap,
-    query_token: Option<String>,
-) -> Result<super::auth::AuthUser, ApiError> {
-    let caller = authenticate(state, &token_of(headers, query_token)?).await?;
+async fn admit(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Result<AuthUser, ApiError> {
+    let token = bearer_token(headers, uri, TokenFrom::HeaderOrQuery)?;
+    let caller = authenticate(state, &token).await?;
     if *state.draining.borrow() {
         return Err(ApiError::new(
             ErrorCode::Unavailable,
@@ -131,32 +118,14 @@ async fn admit(
     Ok(caller)
 }
 
-/// The bearer token from the Authorization header, else from `access_token`.
-fn token_of(headers: &HeaderMap, query_token: Option<String>) -> Result<String, ApiError> {
-    match headers.get(axum::http::header::AUTHORIZATION) {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(|t| t.trim().to_string())
-            .ok_or_else(|| {
-                ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
-            }),
-        None => query_token.ok_or_else(|| {
-            ApiError::unauthorized(
-                "missing credentials: send `Authorization: Bearer <token>` or the access_token query parameter",
-            )
-        }),
-    }
-}
-
 async fn prepare(
     state: &AppState,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
     headers: &HeaderMap,
+    uri: &Uri,
 ) -> Result<Target, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let caller = admit(state, headers, query.access_token.clone()).await?;
+    let caller = admit(state, headers, uri).await?;
     let project: i64 = query
         .project
         .as_deref()
@@ -172,22 +141,7 @@ async fn prepare(
             "the branch query parameter is missing: /ws?project=<id>&branch=<name>",
         )
     })?;
-    state
-        .store
-        .project(project)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("project {project} does not exist")))?;
-    let role = if caller.user.is_admin {
-        Role::Owner
-    } else {
-        state
-            .store
-            .member_role(project, caller.user.id)
-            .await?
-            .ok_or_else(|| {
-                ApiError::forbidden(format!("you are not a member of project {project}"))
-            })?
-    };
+    let (_, role) = access(state, &caller.user, project).await?;
     if !state.store.branches(project).await?.contains(&branch) {
         return Err(ApiError::not_found(format!(
             "branch {branch:?} of project {project} does not exist"
