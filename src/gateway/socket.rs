@@ -11,8 +11,9 @@
 //!   task, matched by `id`. Replies and events already queued are written
 //!   together with one flush, so under load one system call carries many
 //!   frames;
-//! - a **ping actor** ([`PingActor`]) that pings every
-//!   `BRANCHD_PING_INTERVAL` and closes a socket that misses two pongs.
+//! - a **keepalive** ([`Keepalive`], an arm of the same task's `select!`)
+//!   that pings every `BRANCHD_PING_INTERVAL` and closes a socket that
+//!   misses two pongs.
 //!
 //! A request thus crosses the workspace actor and nothing else. DESIGN.md
 //! draws a connection *actor* here; it was one, and the hop to it and back
@@ -37,7 +38,6 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_tungstenite::tungstenite;
 
@@ -73,12 +73,6 @@ enum Outgoing {
     /// A workspace's answer to request `id`.
     Reply(u64, OpResult),
     Frame(Message),
-    /// An `error` event, then a close frame; the socket ends after it.
-    Close {
-        code: ErrorCode,
-        close: u16,
-        reason: String,
-    },
 }
 
 /// The socket task's queue. Unbounded, yet bounded in practice: replies are
@@ -114,46 +108,26 @@ async fn write_all(sink: &mut Sink, frames: Vec<Message>) -> bool {
 }
 
 /// Writes `first` and whatever the connection has queued behind it with
-/// one flush; false once the socket is done (gone, too slow, or closed on
-/// purpose).
+/// one flush; false once the client is gone or too slow.
 async fn write_queued(
     sink: &mut Sink,
     first: Outgoing,
     queue: &mut mpsc::UnboundedReceiver<Outgoing>,
 ) -> bool {
     let mut frames = Vec::new();
-    let mut closing = None;
     let mut next = Some(first);
     while let Some(item) = next {
-        match item {
-            Outgoing::Reply(id, result) => frames.push(binary(codec::reply_frame(id, result))),
-            Outgoing::Frame(message) => frames.push(message),
-            Outgoing::Close {
-                code,
-                close,
-                reason,
-            } => {
-                closing = Some((code, close, reason));
-                break;
-            }
-        }
+        frames.push(match item {
+            Outgoing::Reply(id, result) => binary(codec::reply_frame(id, result)),
+            Outgoing::Frame(message) => message,
+        });
         next = if frames.len() < WRITE_BATCH {
             queue.try_recv().ok()
         } else {
             None
         };
     }
-    if !frames.is_empty() && !write_all(sink, frames).await {
-        return false;
-    }
-    match closing {
-        None => true,
-        Some((code, close, reason)) => {
-            tracing::info!(%reason, "closing the connection");
-            close_with(sink, code, close, &reason).await;
-            false
-        }
-    }
+    write_all(sink, frames).await
 }
 
 /// Whether reading failed because a frame or message was over the
@@ -227,23 +201,13 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
     let mut connection = Connection {
         session,
         route: registration.route,
-        outbox: outbox.clone(),
+        outbox,
         node,
         max_frame: state.config.max_frame,
         in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
         _guard: guard,
     };
-    let pinger = Actor::spawn(
-        None,
-        PingActor,
-        PingArgs {
-            interval: state.config.ping_interval,
-            outbox,
-        },
-    )
-    .await
-    .ok()
-    .map(|(pinger, _)| pinger);
+    let mut keepalive = Keepalive::new(state.config.ping_interval);
 
     let mut draining = state.draining.clone();
     loop {
@@ -260,11 +224,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                     break;
                 }
                 Some(Ok(Message::Close(_))) | None => break,
-                Some(Ok(Message::Pong(_))) => {
-                    if let Some(pinger) = &pinger {
-                        let _ = pinger.cast(PingMsg::Pong);
-                    }
-                }
+                Some(Ok(Message::Pong(_))) => keepalive.pong(),
                 Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
                 Some(Ok(Message::Binary(bytes))) => connection.frame(&bytes),
                 Some(Ok(_)) => connection.event(Event::Error {
@@ -298,6 +258,19 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                     break;
                 }
             },
+            _ = keepalive.ticks.tick() => match keepalive.due() {
+                Ping::Send => {
+                    if !write(&mut sink, Message::Ping(Vec::new().into())).await {
+                        break;
+                    }
+                }
+                Ping::GiveUp => {
+                    let reason = format!("no answer to {MISSED_PONGS} pings; reconnect");
+                    tracing::info!(%reason, "closing the connection");
+                    close_with(&mut sink, ErrorCode::Unavailable, 1008, &reason).await;
+                    break;
+                }
+            },
             _ = super::until_set(&mut draining) => {
                 let reconnect = binary(codec::encode(&Event::Reconnect {
                     reason: "this node is shutting down; connect again".into(),
@@ -309,9 +282,6 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                 break;
             }
         }
-    }
-    if let Some(pinger) = pinger {
-        pinger.stop(None);
     }
     drop(connection); // the session guard removes the session
     let _ = tokio::time::timeout(WRITE_TIMEOUT, sink.close()).await;
@@ -404,73 +374,60 @@ impl Connection {
     }
 }
 
-pub struct PingActor;
-
-pub struct PingArgs {
-    interval: Duration,
-    outbox: Outbox,
-}
-
-#[derive(ractor_cluster::RactorMessage)]
-pub enum PingMsg {
-    Tick,
-    Pong,
-}
-
-pub struct PingState {
-    outbox: Outbox,
+/// The socket's side of pinging: a tick every `BRANCHD_PING_INTERVAL`
+/// (an arm of the socket task's `select!`; a ping actor per socket measured
+/// dearer, see docs/performance.md) and a count of pings unanswered.
+struct Keepalive {
+    ticks: tokio::time::Interval,
     unanswered: u32,
 }
 
-impl Actor for PingActor {
-    type Msg = PingMsg;
-    type State = PingState;
-    type Arguments = PingArgs;
+/// What a tick asks of the socket.
+#[derive(Debug, PartialEq, Eq)]
+enum Ping {
+    Send,
+    /// `MISSED_PONGS` pings went unanswered: close the socket.
+    GiveUp,
+}
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<PingMsg>,
-        args: PingArgs,
-    ) -> Result<PingState, ActorProcessingErr> {
-        myself.send_interval(args.interval, || PingMsg::Tick);
-        Ok(PingState {
-            outbox: args.outbox,
+impl Keepalive {
+    fn new(interval: Duration) -> Keepalive {
+        let interval = interval.max(Duration::from_millis(1));
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        // A socket task busy writing for a while pings once, not in a burst.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Keepalive {
+            ticks,
             unanswered: 0,
-        })
+        }
     }
 
-    async fn handle(
-        &self,
-        myself: ActorRef<PingMsg>,
-        message: PingMsg,
-        state: &mut PingState,
-    ) -> Result<(), ActorProcessingErr> {
-        match message {
-            PingMsg::Pong => state.unanswered = 0,
-            PingMsg::Tick => {
-                if state.outbox.is_closed() {
-                    // The socket is gone (its task ended without stopping us).
-                    myself.stop(None);
-                    return Ok(());
-                }
-                if state.unanswered >= MISSED_PONGS {
-                    // Once: the socket task closes the socket and stops us.
-                    if state.unanswered == MISSED_PONGS {
-                        let _ = state.outbox.send(Outgoing::Close {
-                            code: ErrorCode::Unavailable,
-                            close: 1008,
-                            reason: format!("no answer to {MISSED_PONGS} pings; reconnect"),
-                        });
-                        state.unanswered += 1;
-                    }
-                    return Ok(());
-                }
-                state.unanswered += 1;
-                let _ = state
-                    .outbox
-                    .send(Outgoing::Frame(Message::Ping(Vec::new().into())));
-            }
+    fn pong(&mut self) {
+        self.unanswered = 0;
+    }
+
+    /// What to do at a tick.
+    fn due(&mut self) -> Ping {
+        if self.unanswered >= MISSED_PONGS {
+            return Ping::GiveUp;
         }
-        Ok(())
+        self.unanswered += 1;
+        Ping::Send
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_is_given_up_after_missed_pongs_and_kept_while_it_answers() {
+        let mut keepalive = Keepalive::new(Duration::from_secs(1));
+        assert_eq!(keepalive.due(), Ping::Send);
+        keepalive.pong();
+        for _ in 0..MISSED_PONGS {
+            assert_eq!(keepalive.due(), Ping::Send);
+        }
+        assert_eq!(keepalive.due(), Ping::GiveUp);
     }
 }
