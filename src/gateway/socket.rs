@@ -159,9 +159,9 @@ async fn close_with(sink: &mut Sink, code: ErrorCode, close: u16, reason: &str) 
 }
 
 /// Runs one socket from welcome to cleanup. This task alone touches the
-/// socket: it reads frames (handing them to the connection actor) and writes
-/// replies, events and control frames. A request thus crosses two actors
-/// (connection, workspace) and comes straight back here.
+/// socket: it reads frames (handing each to its [`Connection`]), pings, and
+/// writes replies, events and control frames. A request thus crosses one
+/// actor (the workspace) and comes straight back here.
 pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
     let (mut sink, mut stream) = socket.split();
     let Target { session, key } = target;
@@ -288,7 +288,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
 }
 
 /// Removes the session (allocator and store) however the connection ends,
-/// a panic of the connection actor included.
+/// a panic of the socket task included.
 struct SessionGuard {
     cluster: Cluster,
     session: SessionId,
