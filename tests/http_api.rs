@@ -500,4 +500,50 @@ mod ops {
         assert_eq!((status, reset), (200, json!({"reset": false})));
         server.stop().await;
     }
+
+    /// Every `/ops/api` route docs/operations.md documents, as (method, path).
+    fn documented_ops_routes() -> Vec<(Method, String)> {
+        let docs =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md"))
+                .expect("docs/operations.md");
+        docs.lines()
+            .filter_map(|line| line.strip_prefix("#### `")?.strip_suffix('`'))
+            .filter_map(|route| route.split_once(' '))
+            .filter(|(_, path)| path.starts_with("/ops/api/"))
+            .map(|(method, path)| {
+                let method = Method::from_bytes(method.as_bytes()).expect("a method");
+                (method, path.to_string())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn every_ops_route_refuses_anyone_but_an_administrator() {
+        let routes = documented_ops_routes();
+        assert!(routes.len() >= 3, "found only {routes:?} in the docs");
+        let server = TestServer::start(TestDb::sqlite().await).await;
+        let admin = server.admin_token().await;
+        let viewer = server.user(&admin, "vera").await;
+        for (method, path) in &routes {
+            // No body: the admin check comes before the body is read.
+            let refused = server.send(method.clone(), path, Some(&viewer), None).await;
+            assert_error(&refused, 403, "forbidden", "administrator");
+            let anonymous = server.send(method.clone(), path, None, None).await;
+            assert_eq!(anonymous.0, 401, "{method} {path}: {}", anonymous.1);
+            let (status, body) = server.send(method.clone(), path, Some(&admin), None).await;
+            assert!(
+                status == 200 || (*method == Method::POST && status == 400),
+                "{method} {path} as admin: {status} {body}"
+            );
+        }
+        // Routing still comes first: an unknown path is 404 and a wrong
+        // method 400, for anyone.
+        let unknown = server.get("/ops/api/nothing", &viewer).await;
+        assert_error(&unknown, 404, "not_found", "/ops/api/nothing");
+        let wrong_method = server
+            .send(Method::DELETE, "/ops/api/workspaces", Some(&admin), None)
+            .await;
+        assert_error(&wrong_method, 400, "bad_request", "DELETE");
+        server.stop().await;
+    }
 }

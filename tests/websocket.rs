@@ -632,6 +632,53 @@ async fn upgrades_are_refused_with_http_errors_before_the_socket_opens() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_token_is_no_token_on_either_socket() {
+    let (server, admin, project) = server_with_project(TestDb::sqlite().await).await;
+    // A login row for the empty token's hash: were an empty token ever
+    // looked up, it would let this admin in.
+    let (user, _) = server
+        .store()
+        .user_by_name("admin")
+        .await
+        .expect("store")
+        .expect("admin exists");
+    server
+        .store()
+        .create_auth_session(&branchd::gateway::auth::hash_token(""), user.id, 60_000)
+        .await
+        .expect("session row");
+    let base = server.base.replacen("http", "ws", 1);
+    let refused = |result: Result<Client, ClientError>| match result {
+        Err(ClientError::Refused { status, body }) => (status, body),
+        Err(other) => panic!("expected an HTTP refusal, got {other}"),
+        Ok(_) => panic!("expected an HTTP refusal, got a connection"),
+    };
+    for url in [
+        format!("{base}/ws?project={project}&branch=main&access_token="),
+        format!("{base}/ws/echo?access_token="),
+    ] {
+        let request = url.as_str().into_client_request().expect("request");
+        let (status, body) = refused(Client::open(request).await);
+        assert_eq!(status, 401, "{url}: {body}");
+        assert!(body.contains("missing credentials"), "{url}: {body}");
+    }
+    let mut blank_header = format!("{base}/ws?project={project}&branch=main")
+        .into_client_request()
+        .expect("request");
+    blank_header
+        .headers_mut()
+        .insert("authorization", "Bearer  ".parse().expect("header value"));
+    let (status, body) = refused(Client::open(blank_header).await);
+    assert_eq!(status, 401, "{body}");
+    // The same socket opens with a real token.
+    connect(&server, &admin, project, "main")
+        .await
+        .close()
+        .await;
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_answering_pings_is_dropped_and_its_session_removed() {
     let (server, admin, project) =
         server_pinging_every(TestDb::sqlite().await, Duration::from_millis(500)).await;

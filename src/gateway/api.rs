@@ -2,8 +2,8 @@
 //!
 //! Each handler checks who is calling and what their role allows, then does
 //! one thing through the store. Roles: a viewer reads, an editor also writes
-//! (workspaces), an owner also manages members and deletes. Administrators
-//! act as owners of every project. docs/operations.md documents every route.
+//! (workspaces), an owner also manages members and deletes; `super::access`
+//! says who acts with which role. docs/operations.md documents every route.
 
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde::{Deserialize, Serialize};
 
+use super::access::{Admin, access, effective_role, require};
 use super::auth::{self, AuthUser, UserSpec};
 use super::error::ApiError;
 use super::{ApiJson, ApiPath, AppState};
@@ -125,9 +126,8 @@ pub async fn me(caller: AuthUser) -> Json<User> {
 
 pub async fn list_users(
     State(state): State<AppState>,
-    caller: AuthUser,
+    _: Admin,
 ) -> Result<Json<Vec<User>>, ApiError> {
-    caller.require_admin()?;
     Ok(Json(state.store.list_users().await?))
 }
 
@@ -152,10 +152,9 @@ pub struct AddUserResponse {
 
 pub async fn add_user(
     State(state): State<AppState>,
-    caller: AuthUser,
+    Admin(caller): Admin,
     ApiJson(request): ApiJson<AddUserRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
-    caller.require_admin()?;
     let (user, password) = auth::create_user(
         state.store.as_ref(),
         UserSpec {
@@ -196,25 +195,23 @@ pub async fn list_projects(
     State(state): State<AppState>,
     caller: AuthUser,
 ) -> Result<Json<Vec<ProjectView>>, ApiError> {
-    let mut views: Vec<ProjectView> = state
-        .store
-        .projects_of_user(caller.user.id)
-        .await?
+    // Administrators see every project; anyone else the ones they are a
+    // member of. Either way the role shown is the one they act with.
+    let projects: Vec<(Project, Option<Role>)> = if caller.user.is_admin {
+        let all = state.store.all_projects().await?;
+        all.into_iter().map(|project| (project, None)).collect()
+    } else {
+        let mine = state.store.projects_of_user(caller.user.id).await?;
+        mine.into_iter()
+            .map(|(project, role)| (project, Some(role)))
+            .collect()
+    };
+    let views = projects
         .into_iter()
-        .map(|(project, role)| ProjectView { project, role })
+        .filter_map(|(project, membership)| {
+            effective_role(&caller.user, membership).map(|role| ProjectView { project, role })
+        })
         .collect();
-    if caller.user.is_admin {
-        views = state
-            .store
-            .all_projects()
-            .await?
-            .into_iter()
-            .map(|project| ProjectView {
-                project,
-                role: Role::Owner,
-            })
-            .collect();
-    }
     Ok(Json(views))
 }
 
@@ -268,43 +265,12 @@ pub async fn create_project(
     Ok((StatusCode::CREATED, Json(detail)))
 }
 
-/// The project and the caller's role in it, or the error a caller without
-/// access gets: `not_found` for no such project, `forbidden` for a non-member.
-async fn access(state: &AppState, caller: &AuthUser, id: i64) -> Result<(Project, Role), ApiError> {
-    let project = state
-        .store
-        .project(id)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("project {id} does not exist")))?;
-    if caller.user.is_admin {
-        return Ok((project, Role::Owner));
-    }
-    match state.store.member_role(id, caller.user.id).await? {
-        Some(role) => Ok((project, role)),
-        None => Err(ApiError::forbidden(format!(
-            "you are not a member of project {id}; ask one of its owners to add you"
-        ))),
-    }
-}
-
-fn require(role: Role, needed: Role, action: &str) -> Result<(), ApiError> {
-    if role >= needed {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden(format!(
-            "{action} needs the {} role; you are {}",
-            needed.as_str(),
-            role.as_str()
-        )))
-    }
-}
-
 pub async fn get_project(
     State(state): State<AppState>,
     caller: AuthUser,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<Json<ProjectDetail>, ApiError> {
-    let (project, role) = access(&state, &caller, id).await?;
+    let (project, role) = access(&state, &caller.user, id).await?;
     Ok(Json(ProjectDetail {
         branches: state.store.branches(id).await?,
         members: state.store.members(id).await?,
@@ -318,7 +284,7 @@ pub async fn delete_project(
     caller: AuthUser,
     ApiPath(id): ApiPath<i64>,
 ) -> Result<StatusCode, ApiError> {
-    let (_, role) = access(&state, &caller, id).await?;
+    let (_, role) = access(&state, &caller.user, id).await?;
     require(role, Role::Owner, "deleting a project")?;
     state.store.delete_project(id).await?;
     tracing::info!(project = id, by = %caller.user.username, "project deleted");
@@ -338,7 +304,7 @@ pub async fn set_member(
     ApiPath(id): ApiPath<i64>,
     ApiJson(request): ApiJson<SetMemberRequest>,
 ) -> Result<Json<Vec<Member>>, ApiError> {
-    let (_, role) = access(&state, &caller, id).await?;
+    let (_, role) = access(&state, &caller.user, id).await?;
     require(role, Role::Owner, "changing members")?;
     let new_role = Role::parse(&request.role).ok_or_else(|| {
         ApiError::bad_request(format!(
@@ -361,7 +327,7 @@ pub async fn remove_member(
     caller: AuthUser,
     ApiPath((id, username)): ApiPath<(i64, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let (_, role) = access(&state, &caller, id).await?;
+    let (_, role) = access(&state, &caller.user, id).await?;
     require(role, Role::Owner, "changing members")?;
     let (user, _) = state
         .store

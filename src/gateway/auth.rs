@@ -11,9 +11,10 @@ use std::sync::OnceLock;
 use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, Query};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, Uri};
 use sha2::{Digest, Sha256};
 
 use super::AppState;
@@ -32,7 +33,8 @@ impl FromRequestParts<AppState> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(state, bearer_token(parts)?).await
+        let token = bearer_token(&parts.headers, &parts.uri, TokenFrom::Header)?;
+        authenticate(state, &token).await
     }
 }
 
@@ -57,37 +59,64 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<AuthUser, Api
     })
 }
 
-impl AuthUser {
-    /// Refuses callers who are not administrators.
-    pub fn require_admin(&self) -> Result<(), ApiError> {
-        if self.user.is_admin {
-            Ok(())
-        } else {
-            Err(ApiError::forbidden("this needs an administrator"))
-        }
-    }
+/// Where a route reads the caller's token from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFrom {
+    /// `Authorization: Bearer <token>` only: the JSON API.
+    Header,
+    /// The header, else the `access_token` query parameter: the WebSocket
+    /// routes, because browsers cannot set headers on a WebSocket.
+    HeaderOrQuery,
 }
 
-/// The token of `Authorization: Bearer <token>`.
-pub fn bearer_token(parts: &Parts) -> Result<&str, ApiError> {
+/// The caller's token, from `Authorization: Bearer <token>` or (where
+/// `from` allows it) the `access_token` query parameter. The header wins
+/// when both are present, so a malformed header is refused even with a
+/// good query token. An empty token is no token: it is never looked up.
+pub fn bearer_token(headers: &HeaderMap, uri: &Uri, from: TokenFrom) -> Result<String, ApiError> {
     let missing = || {
-        ApiError::unauthorized(
-            "missing credentials: send `Authorization: Bearer <token>` with a token from POST /api/auth/login",
-        )
+        ApiError::unauthorized(match from {
+            TokenFrom::Header => {
+                "missing credentials: send `Authorization: Bearer <token>` with a token from POST /api/auth/login"
+            }
+            TokenFrom::HeaderOrQuery => {
+                "missing credentials: send `Authorization: Bearer <token>` or the access_token query parameter"
+            }
+        })
     };
-    let header = parts.headers.get(AUTHORIZATION).ok_or_else(missing)?;
-    let value = header
-        .to_str()
-        .map_err(|_| ApiError::unauthorized("the Authorization header is not valid text"))?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .or_else(|| value.strip_prefix("bearer "))
-        .ok_or_else(|| ApiError::unauthorized("the Authorization header must be `Bearer <token>`"))?
-        .trim();
+    let token = match headers.get(AUTHORIZATION) {
+        Some(header) => {
+            let value = header.to_str().map_err(|_| {
+                ApiError::unauthorized("the Authorization header is not valid text")
+            })?;
+            value
+                .strip_prefix("Bearer ")
+                .or_else(|| value.strip_prefix("bearer "))
+                .ok_or_else(|| {
+                    ApiError::unauthorized("the Authorization header must be `Bearer <token>`")
+                })?
+                .trim()
+                .to_string()
+        }
+        None if from == TokenFrom::HeaderOrQuery => query_token(uri).unwrap_or_default(),
+        None => String::new(),
+    };
     if token.is_empty() {
         return Err(missing());
     }
     Ok(token)
+}
+
+/// The `access_token` query parameter, if the query has one. A malformed
+/// query has none here; the route that reads the query reports it.
+fn query_token(uri: &Uri) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct TokenQuery {
+        access_token: Option<String>,
+    }
+    Query::<TokenQuery>::try_from_uri(uri)
+        .ok()
+        .and_then(|Query(q)| q.access_token)
 }
 
 /// A new random login token (64 hex characters).

@@ -4,24 +4,25 @@
 //!
 //! Only this module knows HTTP. Handlers are small and delegate to the
 //! store and to `workspace`; errors are [`error::ApiError`], which alone
-//! decides status codes.
+//! decides status codes. Who is calling is [`auth`]; what they may do is
+//! [`access`] (and each op's own metadata, over WebSocket); the WebSocket
+//! door is [`ws`], an open socket `socket`.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod error;
 pub mod ops;
+mod socket;
 pub mod ws;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
-use axum::http::request::Parts;
 use axum::http::{Method, Uri};
 use axum::response::IntoResponse;
 use axum::routing::{delete, get, post};
-use serde::de::DeserializeOwned;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
@@ -70,13 +71,11 @@ pub fn router(state: AppState) -> Router {
             get(api::get_project).delete(api::delete_project),
         )
         .route("/api/projects/{id}/members", post(api::set_member))
-        .route("/ops/api/workspaces", get(ops::workspaces))
-        .route("/ops/api/workspaces/reset", post(ops::reset_workspace))
-        .route("/ops/api/cluster", get(ops::cluster))
         .route(
             "/api/projects/{id}/members/{username}",
             delete(api::remove_member),
         )
+        .nest("/ops/api", ops::routes(state.clone()))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -114,37 +113,11 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 /// A JSON body whose rejections are [`ApiError`]s (`bad_request`, `too_large`).
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
 
-impl<T, S> FromRequest<S> for ApiJson<T>
-where
-    T: DeserializeOwned,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        axum::Json::<T>::from_request(req, state)
-            .await
-            .map(|axum::Json(value)| ApiJson(value))
-            .map_err(|rejection: JsonRejection| rejection.into())
-    }
-}
-
 /// Path parameters whose rejections are [`ApiError`]s (`bad_request`).
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
-
-impl<T, S> FromRequestParts<S> for ApiPath<T>
-where
-    T: DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|axum::extract::Path(value)| ApiPath(value))
-            .map_err(|rejection: PathRejection| rejection.into())
-    }
-}

@@ -9,6 +9,7 @@
 //! what it gets back, [`events`] what is pushed to it, [`errors`] how a
 //! request fails, and [`frames`] how all of it is laid out on the wire.
 
+pub mod codec;
 mod errors;
 mod events;
 mod frames;
