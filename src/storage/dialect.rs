@@ -1,6 +1,6 @@
 //! The few places where the SQL of SQLite and Postgres differ.
 //!
-//! Shared statements in `sql.rs` are written once with `{now}`,
+//! Shared statements in `sql/` are written once with `{now}`,
 //! `{share_lock}` and `{update_lock}` placeholders; a [`Dialect`] fills them in. Nothing else of
 //! the SQL text may vary by backend.
 

@@ -3,7 +3,8 @@
 //!
 //! Holds only what is Postgres's own: its dialect and its migrations. Row
 //! locks (`FOR SHARE` on a claim while a fenced write commits) are what make
-//! ownership safe between nodes; see `sql.rs` for where they are taken.
+//! ownership safe between nodes; see `sql/claims.rs` and `sql/journal.rs`
+//! for where they are taken.
 
 use sqlx::migrate::Migrator;
 
