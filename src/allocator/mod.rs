@@ -184,7 +184,7 @@ impl Allocator {
             },
         )
         .await
-        .map_err(|e| StoreError::Config(format!("starting the allocator: {e}")))?;
+        .map_err(|e| StoreError::Internal(format!("starting the allocator: {e}")))?;
         let heartbeat = tokio::spawn(heartbeat(
             store.clone(),
             settings.clone(),

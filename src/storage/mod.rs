@@ -45,21 +45,35 @@ pub enum StoreError {
         server_tag: String,
         epoch: i64,
     },
-    /// The database could not be reached or failed.
+    /// The database could not be reached or failed. Shared, because one
+    /// failed group commit fails every append of its batch with it.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(Arc<sqlx::Error>),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// The database URL or its options are unusable.
+    /// The database URL or its options are unusable: the operator must
+    /// change the configuration.
     #[error("bad database configuration: {0}")]
     Config(String),
+    /// Something that must not happen did (an invariant of the store broke,
+    /// or one of its own tasks is gone). Neither the caller's fault nor the
+    /// configuration's; retrying does not help. The text says what.
+    #[error("internal storage error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        StoreError::Database(Arc::new(err))
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// How a storage failure reaches a client: the one mapping from store
-/// errors to protocol error codes, used by every boundary.
+/// errors to protocol error codes, used by every boundary (the HTTP API
+/// goes through it too). Every variant is listed, so a new one must choose.
 impl From<StoreError> for crate::protocol::OpError {
     fn from(err: StoreError) -> Self {
         use crate::protocol::{ErrorCode, OpError};
@@ -77,7 +91,9 @@ impl From<StoreError> for crate::protocol::OpError {
                     "the database is unavailable; retry shortly",
                 )
             }
-            other => OpError::internal("storage", other),
+            err @ (StoreError::Migrate(_) | StoreError::Config(_) | StoreError::Internal(_)) => {
+                OpError::internal("storage", err)
+            }
         }
     }
 }

@@ -49,16 +49,9 @@ impl JournalCommitter {
                 }
                 Err(err) => {
                     // Nothing of the batch landed: every caller gets the
-                    // failure (the first one the database's own words).
-                    let text = err.to_string();
-                    let mut first = Some(err);
+                    // failure, as the same kind of error.
                     for append in batch {
-                        let err = first.take().unwrap_or_else(|| {
-                            StoreError::Database(sqlx::Error::Protocol(format!(
-                                "the journal transaction failed: {text}"
-                            )))
-                        });
-                        let _ = append.done.send(Err(err));
+                        let _ = append.done.send(Err(batch_failure(&err)));
                     }
                 }
             }
@@ -141,7 +134,7 @@ impl JournalCommitter {
             seqs = query.fetch_all(&mut *tx).await?;
         }
         if seqs.len() != accepted.len() {
-            return Err(StoreError::Config(format!(
+            return Err(StoreError::Internal(format!(
                 "the journal insert returned {} sequence numbers for {} records",
                 seqs.len(),
                 accepted.len()
@@ -159,7 +152,7 @@ impl JournalCommitter {
             .map(|append| {
                 if admitted(append) {
                     seqs.next().ok_or_else(|| {
-                        StoreError::Config("a journal record got no sequence number".into())
+                        StoreError::Internal("a journal record got no sequence number".into())
                     })
                 } else {
                     Err(StoreError::Fenced {
@@ -170,6 +163,15 @@ impl JournalCommitter {
                 }
             })
             .collect())
+    }
+}
+
+/// A failed batch's error as each of its callers gets it: a database
+/// failure stays one (the caller may retry), anything else is internal.
+fn batch_failure(err: &StoreError) -> StoreError {
+    match err {
+        StoreError::Database(e) => StoreError::Database(e.clone()),
+        other => StoreError::Internal(format!("the journal transaction failed: {other}")),
     }
 }
 
@@ -187,12 +189,12 @@ pub(super) async fn append_journal(
         done,
     };
     if store.journal.send(append).is_err() {
-        return Err(StoreError::Config(
+        return Err(StoreError::Internal(
             "the journal committer has stopped".into(),
         ));
     }
     answer.await.unwrap_or_else(|_| {
-        Err(StoreError::Config(
+        Err(StoreError::Internal(
             "the journal committer stopped before answering".into(),
         ))
     })

@@ -127,7 +127,7 @@ pub(super) fn all<T>(
 pub(super) fn unique_violation(err: sqlx::Error, message: impl FnOnce() -> String) -> StoreError {
     match &err {
         sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(message()),
-        _ => StoreError::Database(err),
+        _ => err.into(),
     }
 }
 
