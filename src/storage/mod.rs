@@ -259,9 +259,6 @@ pub struct Claim {
     /// The owning node, or `None` when released.
     pub server_tag: Option<String>,
     pub epoch: i64,
-    pub ref_count: i64,
-    /// When the count last reached zero; `None` while sessions are attached.
-    pub time_zeroed: Option<i64>,
     pub updated_at: i64,
 }
 
@@ -292,7 +289,9 @@ pub struct JournalEntry {
     pub created_at: i64,
 }
 
-/// One connected client, as recorded for reference counting.
+/// One connected client's row: the cluster-wide record of who is connected
+/// where, wiped with its node's server tag. Not a reference count: the
+/// allocator counts its own sessions in memory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WsSession {
     pub id: String,
@@ -415,15 +414,15 @@ pub trait Store: Send + Sync + 'static {
     /// the fence was no longer current.
     async fn release_claim(&self, key: &WorkspaceKey, fence: &Fence) -> StoreResult<bool>;
 
-    // ---- websocket sessions and reference counts
-    /// Records a session and returns the key's new reference count. The count
-    /// is recomputed from the session rows, so it cannot drift.
-    async fn attach_session(&self, session: &WsSession) -> StoreResult<i64>;
-    /// Removes a session; returns its key and the key's new count, or `None` if unknown.
-    async fn detach_session(&self, id: &str) -> StoreResult<Option<(WorkspaceKey, i64)>>;
+    // ---- websocket session rows
+    /// Records a session (one statement); `Conflict` if its id is taken.
+    async fn attach_session(&self, session: &WsSession) -> StoreResult<()>;
+    /// Removes a session's row; returns its key, or `None` if unknown.
+    async fn detach_session(&self, id: &str) -> StoreResult<Option<WorkspaceKey>>;
+    /// A key's session rows, of every node, oldest first.
     async fn sessions_of(&self, key: &WorkspaceKey) -> StoreResult<Vec<WsSession>>;
     /// Deletes every session and releases every claim a server tag holds (a
-    /// node restarting after a crash), recounting the keys it touched.
+    /// node restarting after a crash, or a dead node's rows).
     async fn wipe_server_tag(&self, server_tag: &str) -> StoreResult<WipeReport>;
 
     // ---- journal

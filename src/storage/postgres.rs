@@ -15,6 +15,5 @@ pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 pub(crate) const DIALECT: Dialect = Dialect {
     now: "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
     share_lock: " FOR SHARE",
-    update_lock: " FOR UPDATE",
     begin_write: "BEGIN",
 };

@@ -4,13 +4,13 @@
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
-use super::{SqlStore, all, key, sessions};
+use super::{SqlStore, all, key};
 use crate::storage::dialect::Dialect;
 use crate::storage::*;
 
 macro_rules! claim_columns {
     () => {
-        "project_id, branch, server_tag, epoch, ref_count, time_zeroed, updated_at"
+        "project_id, branch, server_tag, epoch, updated_at"
     };
 }
 
@@ -19,8 +19,6 @@ pub(super) fn claim_row(row: &AnyRow) -> Result<Claim, sqlx::Error> {
         key: key(row)?,
         server_tag: row.try_get("server_tag")?,
         epoch: row.try_get("epoch")?,
-        ref_count: row.try_get("ref_count")?,
-        time_zeroed: row.try_get("time_zeroed")?,
         updated_at: row.try_get("updated_at")?,
     })
 }
@@ -61,12 +59,11 @@ pub(super) async fn claim(
     lease_ms: i64,
 ) -> StoreResult<ClaimOutcome> {
     // One statement: take the row if it is free, released, or held by a
-    // node whose heartbeat is older than the lease. The count starts
-    // from the key's session rows, so sessions outlive an owner change.
+    // node whose heartbeat is older than the lease.
     let taken = sqlx::query(store.dialect.sql(concat!(
         "INSERT INTO git_actor_sessions AS c \
-           (project_id, branch, server_tag, epoch, ref_count, time_zeroed, updated_at) \
-         VALUES ($1, $2, $3, 1, 0, {now}, {now}) \
+           (project_id, branch, server_tag, epoch, updated_at) \
+         VALUES ($1, $2, $3, 1, {now}) \
          ON CONFLICT (project_id, branch) DO UPDATE SET \
            server_tag = excluded.server_tag, \
            epoch = c.epoch + 1, \
@@ -83,12 +80,8 @@ pub(super) async fn claim(
     .bind(lease_ms)
     .fetch_optional(&store.pool)
     .await?;
-    if taken.is_some() {
-        sessions::recount(store, key).await?;
-        let current = claim_of(store, key).await?.ok_or_else(|| {
-            StoreError::NotFound(format!("claim of {key} vanished after it was taken"))
-        })?;
-        return Ok(ClaimOutcome::Owned(current));
+    if let Some(row) = taken {
+        return Ok(ClaimOutcome::Owned(claim_row(&row)?));
     }
     let current = claim_of(store, key)
         .await?

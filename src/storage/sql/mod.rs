@@ -294,11 +294,11 @@ impl Store for SqlStore {
         claims::release_claim(self, key, fence).await
     }
 
-    async fn attach_session(&self, session: &WsSession) -> StoreResult<i64> {
+    async fn attach_session(&self, session: &WsSession) -> StoreResult<()> {
         sessions::attach_session(self, session).await
     }
 
-    async fn detach_session(&self, id: &str) -> StoreResult<Option<(WorkspaceKey, i64)>> {
+    async fn detach_session(&self, id: &str) -> StoreResult<Option<WorkspaceKey>> {
         sessions::detach_session(self, id).await
     }
 
