@@ -1,5 +1,11 @@
 //! Ownership claims of workspaces (`git_actor_sessions`): who owns a key,
 //! at which epoch, and the fence check every durable write makes.
+//!
+//! A claim must never pass to a second owner while the first one's
+//! heartbeat is fresh: taking a key is one statement that checks the
+//! holder's heartbeat, and every takeover bumps the epoch so that the old
+//! owner's writes are refused. Rows are released, not deleted (except with
+//! their project), so epochs never repeat.
 
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};

@@ -1,5 +1,9 @@
 //! The journal (`journal`): appends go through one committer task per
 //! store (group commit); reads serve replay.
+//!
+//! An append must never be acknowledged before the transaction holding it
+//! has committed, and a stale fence must never cost another record of the
+//! same batch its place: each record is checked against its own claim.
 
 use sqlx::{AnyPool, Row};
 

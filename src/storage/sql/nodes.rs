@@ -1,5 +1,8 @@
 //! Cluster membership (`nodes`): each node's addresses and heartbeat,
 //! judged by the database clock.
+//!
+//! Ages are never computed with a node's own clock: every comparison is
+//! made in SQL, against the database's.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;

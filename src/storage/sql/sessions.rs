@@ -5,7 +5,8 @@
 //! crashed node's successor wipes. They are not a reference count: nothing
 //! counts them on a connect, and garbage collection goes by the allocator's
 //! own sessions (see `allocator/`). Rows are written only through the
-//! allocator of the socket's node.
+//! allocator of the socket's node. A connect or disconnect must never lock
+//! the claim row: it is one statement on this table.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;

@@ -1,5 +1,8 @@
 //! Snapshots of branches (`git_snapshots`): versioned, never overwritten,
 //! trimmed to the number to keep; storing one trims the journal it covers.
+//!
+//! A snapshot must never go backwards: one that covers less of the journal
+//! than the newest is refused, since the records it lacks may be trimmed.
 
 use sha2::{Digest, Sha256};
 use sqlx::any::AnyRow;
