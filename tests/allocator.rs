@@ -80,14 +80,17 @@ async fn write(workspace: &Workspace, who: &str, path: &str, content: &[u8]) {
         .expect("write");
 }
 
-async fn ref_count(setup: &Setup, key: &WorkspaceKey) -> (i64, Option<i64>, Option<String>) {
+/// The key's session rows (every node's sessions, as the store counts
+/// them) and the claim's owner.
+async fn rows_and_owner(setup: &Setup, key: &WorkspaceKey) -> (usize, Option<String>) {
+    let rows = setup.store.sessions_of(key).await.expect("rows").len();
     let claim = setup
         .store
         .claim_of(key)
         .await
         .expect("claim")
         .expect("a claim row");
-    (claim.ref_count, claim.time_zeroed, claim.server_tag)
+    (rows, claim.server_tag)
 }
 
 async fn two_sessions_share_one_actor_and_the_count_is_two(db: TestDb) {
@@ -99,8 +102,8 @@ async fn two_sessions_share_one_actor_and_the_count_is_two(db: TestDb) {
     let got = allocator.get(&setup.key).expect("a local lookup finds it");
     assert_eq!(got.actor().get_id(), first.actor().get_id());
 
-    let (count, zeroed, owner) = ref_count(&setup, &setup.key).await;
-    assert_eq!((count, zeroed, owner.as_deref()), (2, None, Some("node-a")));
+    let (count, owner) = rows_and_owner(&setup, &setup.key).await;
+    assert_eq!((count, owner.as_deref()), (2, Some("node-a")));
     let rows = setup.store.sessions_of(&setup.key).await.expect("rows");
     assert!(
         rows.iter().all(|r| r.server_tag == "node-a"),
@@ -125,9 +128,7 @@ async fn an_idle_workspace_is_saved_and_collected_after_the_grace_period(db: Tes
     assert_eq!(status[0].file_cache_bytes, 7, "the written file is kept");
     allocator.deregister(&"ada".to_string(), &setup.key).await;
 
-    let (count, zeroed, _) = ref_count(&setup, &setup.key).await;
-    assert_eq!(count, 0);
-    assert!(zeroed.is_some(), "time_zeroed is set at zero");
+    assert_eq!(rows_and_owner(&setup, &setup.key).await.0, 0);
     let status = allocator.workspaces().await.expect("status");
     assert!(status[0].gc_deadline.is_some(), "a GC deadline while idle");
     assert!(status[0].dirty);
@@ -138,7 +139,7 @@ async fn an_idle_workspace_is_saved_and_collected_after_the_grace_period(db: Tes
     })
     .await;
     eventually("its claim is released", || async {
-        ref_count(&setup, &setup.key).await.2.is_none()
+        rows_and_owner(&setup, &setup.key).await.1.is_none()
     })
     .await;
     let latest = setup
@@ -189,7 +190,7 @@ async fn a_session_back_within_the_grace_period_finds_the_same_actor(db: TestDb)
         .expect("read");
     assert!(matches!(reply, Reply::File { content, .. } if content == b"warm"));
     assert_eq!(allocator.stats().await.expect("stats").activations, 1);
-    assert_eq!(ref_count(&setup, &setup.key).await.0, 1);
+    assert_eq!(rows_and_owner(&setup, &setup.key).await.0, 1);
 }
 
 async fn fifty_concurrent_registers_spawn_exactly_one_actor(db: TestDb) {
@@ -218,7 +219,7 @@ async fn fifty_concurrent_registers_spawn_exactly_one_actor(db: TestDb) {
         1,
         "one spawn"
     );
-    assert_eq!(ref_count(&setup, &setup.key).await.0, 50);
+    assert_eq!(rows_and_owner(&setup, &setup.key).await.0, 50);
 }
 
 async fn a_crashed_workspace_restarts_with_every_acknowledged_edit_and_its_sessions_keep_working(
@@ -281,7 +282,7 @@ async fn a_crashed_workspace_restarts_with_every_acknowledged_edit_and_its_sessi
     assert_eq!((stats.restarts, stats.activations), (1, 2));
     assert_eq!(allocator.workspaces().await.expect("status")[0].restarts, 1);
     assert_eq!(
-        ref_count(&setup, &setup.key).await.0,
+        rows_and_owner(&setup, &setup.key).await.0,
         1,
         "the count did not drift"
     );
@@ -369,11 +370,11 @@ async fn a_restarted_node_wipes_the_rows_its_server_tag_left(db: TestDb) {
         .expect("claim")
         .expect("row")
         .epoch;
-    assert_eq!(ref_count(&setup, &setup.key).await.0, 2);
+    assert_eq!(rows_and_owner(&setup, &setup.key).await.0, 2);
     crashed.abandon(); // no drain: rows stay behind, as after kill -9
 
     let restarted = allocator(&setup, |_| {}).await;
-    let (count, _, owner) = ref_count(&setup, &setup.key).await;
+    let (count, owner) = rows_and_owner(&setup, &setup.key).await;
     assert_eq!(
         (count, owner),
         (0, None),
@@ -396,7 +397,7 @@ async fn a_restarted_node_wipes_the_rows_its_server_tag_left(db: TestDb) {
         .expect("claim")
         .expect("row");
     assert_eq!(
-        (claim.ref_count, claim.epoch),
+        (rows_and_owner(&setup, &setup.key).await.0, claim.epoch),
         (1, epoch + 1),
         "a new epoch"
     );
@@ -470,7 +471,7 @@ async fn a_drain_saves_every_dirty_workspace_and_removes_the_nodes_rows(db: Test
             .expect("snapshot");
         assert_eq!(latest.meta.version, 2, "{key} saved");
         assert!(setup.store.sessions_of(key).await.expect("rows").is_empty());
-        assert_eq!(ref_count(&setup, key).await.2, None, "{key} released");
+        assert_eq!(rows_and_owner(&setup, key).await.1, None, "{key} released");
     }
     assert!(
         setup
@@ -550,7 +551,7 @@ async fn a_drain_waits_for_a_collection_already_saving(db: TestDb) {
         "the collection's save landed before the drain returned"
     );
     assert_eq!(
-        ref_count(&setup, &setup.key).await.2,
+        rows_and_owner(&setup, &setup.key).await.1,
         None,
         "claim released"
     );

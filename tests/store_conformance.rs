@@ -27,8 +27,8 @@ on_both_backends!(
     released_claims_keep_their_epoch_so_epochs_never_repeat,
     a_stale_fence_cannot_append_to_the_journal_or_store_a_snapshot,
     concurrent_claims_of_one_key_leave_exactly_one_owner,
-    reference_counts_follow_session_rows,
-    concurrent_attach_and_detach_never_drift_the_count,
+    session_rows_are_recorded_once_and_removed_once,
+    concurrent_attach_and_detach_leave_exactly_the_live_rows,
     wiping_a_server_tag_removes_its_sessions_and_claims_only,
     nodes_are_live_while_their_heartbeat_is_fresh,
     concurrent_appends_of_many_workspaces_all_land_and_a_stale_fence_alone_is_refused,
@@ -638,32 +638,18 @@ async fn concurrent_claims_of_one_key_leave_exactly_one_owner(db: TestDb) {
     assert_eq!(row.server_tag.as_ref(), owners.iter().next());
 }
 
-async fn reference_counts_follow_session_rows(db: TestDb) {
+async fn session_rows_are_recorded_once_and_removed_once(db: TestDb) {
     let store = db.open().await;
     let (owner, key) = project(store.as_ref()).await;
     store.register_node("n1", None, None).await.expect("node");
     owned(store.claim(&key, "n1", 5_000).await.expect("claim"));
-    let fresh = store.claim_of(&key).await.expect("row").expect("exists");
-    assert_eq!(fresh.ref_count, 0);
-    assert!(
-        fresh.time_zeroed.is_some(),
-        "an unused claim counts as idle"
-    );
 
-    assert_eq!(
+    for id in ["s1", "s2"] {
         store
-            .attach_session(&session("s1", &key, owner, "n1"))
+            .attach_session(&session(id, &key, owner, "n1"))
             .await
-            .expect("attach"),
-        1
-    );
-    assert_eq!(
-        store
-            .attach_session(&session("s2", &key, owner, "n1"))
-            .await
-            .expect("attach"),
-        2
-    );
+            .expect("attach");
+    }
     let duplicate = store
         .attach_session(&session("s2", &key, owner, "n1"))
         .await;
@@ -671,31 +657,34 @@ async fn reference_counts_follow_session_rows(db: TestDb) {
         matches!(duplicate, Err(StoreError::Conflict(_))),
         "{duplicate:?}"
     );
-    let busy = store.claim_of(&key).await.expect("row").expect("exists");
-    assert_eq!((busy.ref_count, busy.time_zeroed), (2, None));
-    assert_eq!(store.sessions_of(&key).await.expect("sessions").len(), 2);
+    let rows = store.sessions_of(&key).await.expect("sessions");
+    assert_eq!(
+        rows.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["s1", "s2"]
+    );
+    assert!(
+        rows.iter()
+            .all(|s| s.server_tag == "n1" && s.user_id == owner),
+        "{rows:?}"
+    );
 
     assert_eq!(
         store.detach_session("s1").await.expect("detach"),
-        Some((key.clone(), 1))
+        Some(key.clone())
     );
     assert_eq!(
         store.detach_session("s1").await.expect("detach again"),
         None
     );
+    assert_eq!(store.sessions_of(&key).await.expect("sessions").len(), 1);
     assert_eq!(
         store.detach_session("s2").await.expect("detach"),
-        Some((key.clone(), 0))
+        Some(key.clone())
     );
-    let idle = store.claim_of(&key).await.expect("row").expect("exists");
-    assert_eq!(idle.ref_count, 0);
-    assert!(
-        idle.time_zeroed.is_some(),
-        "time_zeroed is set when the count reaches zero"
-    );
+    assert!(store.sessions_of(&key).await.expect("sessions").is_empty());
 }
 
-async fn concurrent_attach_and_detach_never_drift_the_count(db: TestDb) {
+async fn concurrent_attach_and_detach_leave_exactly_the_live_rows(db: TestDb) {
     let store = db.open().await;
     let (owner, key) = project(store.as_ref()).await;
     store.register_node("n1", None, None).await.expect("node");
@@ -715,10 +704,20 @@ async fn concurrent_attach_and_detach_never_drift_the_count(db: TestDb) {
     for task in detach.collect::<Vec<_>>() {
         task.await.expect("task").expect("detach");
     }
-    let claim = store.claim_of(&key).await.expect("row").expect("exists");
-    let rows = store.sessions_of(&key).await.expect("sessions").len() as i64;
-    assert_eq!(rows, 15);
-    assert_eq!(claim.ref_count, rows, "count equals live session rows");
+    let mut live: Vec<String> = store
+        .sessions_of(&key)
+        .await
+        .expect("sessions")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    live.sort();
+    let mut odd: Vec<String> = (1..30).step_by(2).map(|i| format!("s{i}")).collect();
+    odd.sort();
+    assert_eq!(
+        live, odd,
+        "the rows are exactly the sessions still attached"
+    );
 }
 
 async fn wiping_a_server_tag_removes_its_sessions_and_claims_only(db: TestDb) {
@@ -759,15 +758,16 @@ async fn wiping_a_server_tag_removes_its_sessions_and_claims_only(db: TestDb) {
         .collect();
     assert_eq!(sessions, ["a1"]);
     let released = store.claim_of(&key).await.expect("row").expect("exists");
-    assert_eq!((released.server_tag, released.ref_count), (None, 1));
+    assert_eq!(released.server_tag, None);
     let untouched = store
         .claim_of(&other_key)
         .await
         .expect("row")
         .expect("exists");
+    assert_eq!(untouched.server_tag.as_deref(), Some("alive"));
     assert_eq!(
-        (untouched.server_tag.as_deref(), untouched.ref_count),
-        (Some("alive"), 1)
+        store.sessions_of(&other_key).await.expect("sessions").len(),
+        1
     );
     assert_eq!(
         store.wipe_server_tag("dead").await.expect("again"),

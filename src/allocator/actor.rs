@@ -106,7 +106,9 @@ enum Phase {
     },
 }
 
-struct Attached {
+/// A session registered on a key of this node: counted against garbage
+/// collection, and attached again to the key's actor after a restart.
+struct RegisteredSession {
     info: SessionInfo,
     events: EventSink,
 }
@@ -115,7 +117,7 @@ struct Entry {
     phase: Phase,
     generation: u64,
     waiters: Vec<RpcReplyPort<Result<Workspace, RegisterError>>>,
-    sessions: HashMap<SessionId, Attached>,
+    sessions: HashMap<SessionId, RegisteredSession>,
     fence: Option<Fence>,
     zeroed_at: Option<Instant>,
     history: VecDeque<Instant>,
@@ -393,7 +395,7 @@ impl AllocatorState {
         entry.zeroed_at = None;
         entry.sessions.insert(
             session.id.clone(),
-            Attached {
+            RegisteredSession {
                 info: session,
                 events,
             },

@@ -1,7 +1,8 @@
 //! The allocator: this node's supervisor of workspace actors.
 //!
 //! It keeps the registry (workspace key → live actor), the sessions
-//! attached to each key, restarts crashed actors under a [`RestartPolicy`],
+//! attached to each key (in memory: this is the reference count garbage
+//! collection goes by), restarts crashed actors under a [`RestartPolicy`],
 //! collects workspaces left without sessions for the grace period, and
 //! drains everything on shutdown. At start it wipes the rows its server tag
 //! left behind (a crash) and keeps the node's heartbeat fresh.
@@ -10,10 +11,14 @@
 //! saving and stopping run in tasks that report back with a message, so one
 //! slow workspace never holds up registers of another. Those tasks and the
 //! heartbeat are tracked by the node's [`Shutdown`]: a drain waits for the
-//! saves under way before it releases the node's claims. Session rows and
-//! counts in the store are written by the [`Allocator`] handle in the
-//! caller's task. [`Allocator::get`] reads a shared map: no message, no
-//! database.
+//! saves under way before it releases the node's claims.
+//!
+//! The [`Allocator`] handle is the one owner of this node's session rows
+//! (`websocket_sessions`, the cluster-wide record of who is connected
+//! where): it writes and deletes them in the caller's task, for sessions
+//! it serves and for sessions the cluster routes to another node alike.
+//! Nothing counts the rows on a connect. [`Allocator::get`] reads a shared
+//! map: no message, no database.
 //!
 //! Registers fail with a typed [`RegisterError`], never a bare error code:
 //! callers decide by variant, and clients get an `OpError` at the edge.
@@ -200,7 +205,7 @@ impl Allocator {
             },
         )
         .await
-        .map_err(|e| StoreError::Config(format!("starting the allocator: {e}")))?;
+        .map_err(|e| StoreError::Internal(format!("starting the allocator: {e}")))?;
         let heartbeat = shutdown.spawn_worker({
             let (store, settings, actor) = (store.clone(), settings.clone(), actor.clone());
             |stop| heartbeat(store, settings, liveness, actor, stop)
@@ -231,21 +236,46 @@ impl Allocator {
     }
 
     /// Attaches a session to a workspace, activating it on first use, and
-    /// records it in the store (which recounts the key's references).
+    /// records its row in the store.
     pub async fn register(
         &self,
         session: SessionInfo,
         key: &WorkspaceKey,
         events: impl Into<EventSink>,
     ) -> Result<Registration, RegisterError> {
-        let row = WsSession {
+        let row = self.session_row(&session, key);
+        self.attach(session, key, events.into(), Some(row)).await
+    }
+
+    /// The row of a session whose socket is on this node.
+    fn session_row(&self, session: &SessionInfo, key: &WorkspaceKey) -> WsSession {
+        WsSession {
             id: session.id.clone(),
             user_id: session.user_id,
             key: key.clone(),
             server_tag: self.settings.server_tag.clone(),
             connected_at: 0,
-        };
-        self.attach(session, key, events.into(), Some(row)).await
+        }
+    }
+
+    /// Records the row of a session whose socket is on this node while
+    /// another node serves its workspace (the cluster routes it there).
+    pub async fn record_routed_session(
+        &self,
+        session: &SessionInfo,
+        key: &WorkspaceKey,
+    ) -> Result<(), StoreError> {
+        let row = self.session_row(session, key);
+        self.store.attach_session(&row).await
+    }
+
+    /// Removes the row of a session whose socket is on this node. A failure
+    /// is logged, not returned: the row goes with the next wipe of this
+    /// server tag.
+    pub async fn remove_session_row(&self, session: &SessionId) {
+        if let Err(err) = self.store.detach_session(session).await {
+            tracing::warn!(error = %err, session = %session, "removing a session row failed; the next wipe of this server tag removes it");
+        }
     }
 
     /// Attaches a session whose socket is on another node (which recorded
@@ -328,12 +358,10 @@ impl Allocator {
         });
     }
 
-    /// Detaches a session and removes its row (the key is recounted).
+    /// Detaches a session and removes its row.
     pub async fn deregister(&self, session: &SessionId, key: &WorkspaceKey) {
         self.forget(session, key);
-        if let Err(err) = self.store.detach_session(session).await {
-            tracing::warn!(error = %err, session = %session, "removing a session row failed; the next wipe of this server tag removes it");
-        }
+        self.remove_session_row(session).await;
     }
 
     /// The live workspace for a key, if this node has one: a map read, no

@@ -13,7 +13,7 @@
 //!   whose socket stays open;
 //! - removes the rows of nodes whose heartbeat is older than the lease
 //!   (their sessions and claims), so their workspaces can be taken over and
-//!   reference counts stay true.
+//!   the session rows list only live sessions.
 //!
 //! When a peer is lost, sockets here routed to its workspaces are closed
 //! (clients reconnect and land on the next owner) and its sessions attached
@@ -421,7 +421,7 @@ impl Membership {
     }
 
     /// Removes the rows of nodes whose heartbeat is older than the lease:
-    /// their sessions go (counts stay true) and their claims are released.
+    /// their session rows go and their claims are released.
     async fn bury_dead_nodes(&self, dead: Vec<(NodeRow, i64)>, lease_ms: i64) {
         for (node, age_ms) in dead {
             if node.server_tag == self.settings.server_tag {

@@ -42,7 +42,7 @@ use crate::allocator::{Allocator, RegisterError};
 use crate::config::Config;
 use crate::protocol::{ErrorCode, Event, Op, OpError, SessionId};
 use crate::shutdown::{Shutdown, Worker};
-use crate::storage::{Backend, Store, StoreError, WorkspaceKey, WsSession};
+use crate::storage::{Backend, Store, StoreError, WorkspaceKey};
 use crate::workspace::{AttachInfo, Responder, SessionInfo, Workspace, WorkspaceMsg};
 use membership::{Membership, MembershipSettings, PeerTable, PeerView};
 use router::{RouterActor, RouterState, router_of, servers_of};
@@ -372,20 +372,11 @@ impl Cluster {
         owner: String,
     ) -> Result<Attachment, AttachError> {
         let id = session.id.clone();
-        let row = WsSession {
-            id: id.clone(),
-            user_id: session.user_id,
-            key: key.clone(),
-            server_tag: self.0.server_tag.clone(),
-            connected_at: 0,
-        };
         self.0.outbound.add(key, &owner, &id, events);
-        let attached = self.attach_at(session, key, &owner, row).await;
+        let attached = self.attach_at(session, key, &owner).await;
         if attached.is_err() {
             self.0.outbound.remove(key, &id);
-            if let Err(err) = self.0.store.detach_session(&id).await {
-                tracing::warn!(error = %err, session = %id, "removing a session row failed");
-            }
+            self.0.allocator.remove_session_row(&id).await;
         }
         attached
     }
@@ -395,9 +386,11 @@ impl Cluster {
         session: SessionInfo,
         key: &WorkspaceKey,
         owner: &str,
-        row: WsSession,
     ) -> Result<Attachment, AttachError> {
-        self.0.store.attach_session(&row).await?;
+        self.0
+            .allocator
+            .record_routed_session(&session, key)
+            .await?;
         let router = find_router(key, owner)
             .await
             .ok_or_else(|| AttachError::Unreachable {
@@ -452,9 +445,7 @@ impl Cluster {
                     node: self.0.server_tag.clone(),
                 };
                 let _ = router.cast(RouterMsg::Detach(wire::encode(&request)));
-                if let Err(err) = self.0.store.detach_session(session).await {
-                    tracing::warn!(error = %err, session = %session, "removing a session row failed; the next wipe of this server tag removes it");
-                }
+                self.0.allocator.remove_session_row(session).await;
             }
         }
     }

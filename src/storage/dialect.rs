@@ -1,7 +1,7 @@
 //! The few places where the SQL of SQLite and Postgres differ.
 //!
-//! Shared statements in `sql.rs` are written once with `{now}`,
-//! `{share_lock}` and `{update_lock}` placeholders; a [`Dialect`] fills them in. Nothing else of
+//! Shared statements in `sql/` are written once with `{now}` and
+//! `{share_lock}` placeholders; a [`Dialect`] fills them in. Nothing else of
 //! the SQL text may vary by backend.
 
 use std::borrow::Cow;
@@ -16,9 +16,6 @@ pub(crate) struct Dialect {
     /// Appended to a `SELECT` of a claim row that a write depends on, so a
     /// concurrent takeover waits for the write's transaction to end.
     pub share_lock: &'static str,
-    /// Appended to a `SELECT` of a claim row that the transaction will update,
-    /// so that updates of one key's count run one after another.
-    pub update_lock: &'static str,
     /// The statement that opens a transaction which will write. SQLite must
     /// take its write lock up front: a deferred transaction that reads first
     /// fails with `SQLITE_BUSY` when another writer commits in between.
@@ -35,8 +32,7 @@ impl Dialect {
         AssertSqlSafe(Cow::Owned(
             template
                 .replace("{now}", self.now)
-                .replace("{share_lock}", self.share_lock)
-                .replace("{update_lock}", self.update_lock),
+                .replace("{share_lock}", self.share_lock),
         ))
     }
 
@@ -46,8 +42,7 @@ impl Dialect {
     pub fn sql_built(&self, text: String) -> AssertSqlSafe<Cow<'static, str>> {
         AssertSqlSafe(Cow::Owned(
             text.replace("{now}", self.now)
-                .replace("{share_lock}", self.share_lock)
-                .replace("{update_lock}", self.update_lock),
+                .replace("{share_lock}", self.share_lock),
         ))
     }
 }

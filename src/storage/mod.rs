@@ -45,21 +45,35 @@ pub enum StoreError {
         server_tag: String,
         epoch: i64,
     },
-    /// The database could not be reached or failed.
+    /// The database could not be reached or failed. Shared, because one
+    /// failed group commit fails every append of its batch with it.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(Arc<sqlx::Error>),
     /// Applying migrations failed.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    /// The database URL or its options are unusable.
+    /// The database URL or its options are unusable: the operator must
+    /// change the configuration.
     #[error("bad database configuration: {0}")]
     Config(String),
+    /// Something that must not happen did (an invariant of the store broke,
+    /// or one of its own tasks is gone). Neither the caller's fault nor the
+    /// configuration's; retrying does not help. The text says what.
+    #[error("internal storage error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        StoreError::Database(Arc::new(err))
+    }
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// How a storage failure reaches a client: the one mapping from store
-/// errors to protocol error codes, used by every boundary.
+/// errors to protocol error codes, used by every boundary (the HTTP API
+/// goes through it too). Every variant is listed, so a new one must choose.
 impl From<StoreError> for crate::protocol::OpError {
     fn from(err: StoreError) -> Self {
         use crate::protocol::{ErrorCode, OpError};
@@ -77,7 +91,9 @@ impl From<StoreError> for crate::protocol::OpError {
                     "the database is unavailable; retry shortly",
                 )
             }
-            other => OpError::internal("storage", other),
+            err @ (StoreError::Migrate(_) | StoreError::Config(_) | StoreError::Internal(_)) => {
+                OpError::internal("storage", err)
+            }
         }
     }
 }
@@ -243,9 +259,6 @@ pub struct Claim {
     /// The owning node, or `None` when released.
     pub server_tag: Option<String>,
     pub epoch: i64,
-    pub ref_count: i64,
-    /// When the count last reached zero; `None` while sessions are attached.
-    pub time_zeroed: Option<i64>,
     pub updated_at: i64,
 }
 
@@ -276,7 +289,9 @@ pub struct JournalEntry {
     pub created_at: i64,
 }
 
-/// One connected client, as recorded for reference counting.
+/// One connected client's row: the cluster-wide record of who is connected
+/// where, wiped with its node's server tag. Not a reference count: the
+/// allocator counts its own sessions in memory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct WsSession {
     pub id: String,
@@ -399,15 +414,15 @@ pub trait Store: Send + Sync + 'static {
     /// the fence was no longer current.
     async fn release_claim(&self, key: &WorkspaceKey, fence: &Fence) -> StoreResult<bool>;
 
-    // ---- websocket sessions and reference counts
-    /// Records a session and returns the key's new reference count. The count
-    /// is recomputed from the session rows, so it cannot drift.
-    async fn attach_session(&self, session: &WsSession) -> StoreResult<i64>;
-    /// Removes a session; returns its key and the key's new count, or `None` if unknown.
-    async fn detach_session(&self, id: &str) -> StoreResult<Option<(WorkspaceKey, i64)>>;
+    // ---- websocket session rows
+    /// Records a session (one statement); `Conflict` if its id is taken.
+    async fn attach_session(&self, session: &WsSession) -> StoreResult<()>;
+    /// Removes a session's row; returns its key, or `None` if unknown.
+    async fn detach_session(&self, id: &str) -> StoreResult<Option<WorkspaceKey>>;
+    /// A key's session rows, of every node, oldest first.
     async fn sessions_of(&self, key: &WorkspaceKey) -> StoreResult<Vec<WsSession>>;
     /// Deletes every session and releases every claim a server tag holds (a
-    /// node restarting after a crash), recounting the keys it touched.
+    /// node restarting after a crash, or a dead node's rows).
     async fn wipe_server_tag(&self, server_tag: &str) -> StoreResult<WipeReport>;
 
     // ---- journal

@@ -3,7 +3,8 @@
 //!
 //! Holds only what is Postgres's own: its dialect and its migrations. Row
 //! locks (`FOR SHARE` on a claim while a fenced write commits) are what make
-//! ownership safe between nodes; see `sql.rs` for where they are taken.
+//! ownership safe between nodes; see `sql/claims.rs` and `sql/journal.rs`
+//! for where they are taken.
 
 use sqlx::migrate::Migrator;
 
@@ -14,6 +15,5 @@ pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("migrations/postgres");
 pub(crate) const DIALECT: Dialect = Dialect {
     now: "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
     share_lock: " FOR SHARE",
-    update_lock: " FOR UPDATE",
     begin_write: "BEGIN",
 };

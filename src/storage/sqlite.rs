@@ -17,7 +17,6 @@ pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("migrations/sqlite");
 pub(crate) const DIALECT: Dialect = Dialect {
     now: "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
     share_lock: "",
-    update_lock: "",
     begin_write: "BEGIN IMMEDIATE",
 };
 
