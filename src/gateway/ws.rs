@@ -15,8 +15,8 @@
 //! - a **ping actor** ([`PingActor`]) that pings every
 //!   `BRANCHD_PING_INTERVAL` and closes a socket that misses two pongs.
 //!
-//! A request thus crosses the workspace actor and nothing else. DESIGN.md
-//! draws a connection *actor* here; it was one, and the hop to it and back
+//! A request thus crosses the workspace actor and nothing else. There used
+//! to be a connection *actor* here, and the hop to it and back
 //! cost a cross-thread wake-up per request (see docs/performance.md), so
 //! the socket task plays its part: it owns the connection's state and
 //! handles one frame at a time, as the actor did.
@@ -417,9 +417,9 @@ async fn close_with(sink: &mut Sink, code: ErrorCode, close: u16, reason: &str) 
 }
 
 /// Runs one socket from welcome to cleanup. This task alone touches the
-/// socket: it reads frames (handing them to the connection actor) and writes
-/// replies, events and control frames. A request thus crosses two actors
-/// (connection, workspace) and comes straight back here.
+/// socket: it reads and decodes frames (sending each op on its route) and
+/// writes replies, events and control frames. A request thus crosses one
+/// actor (the workspace) and comes straight back here.
 async fn serve(socket: WebSocket, state: AppState, target: Target) {
     let (mut sink, mut stream) = socket.split();
     let Target { session, key } = target;
@@ -550,7 +550,7 @@ async fn serve(socket: WebSocket, state: AppState, target: Target) {
 }
 
 /// Removes the session (allocator and store) however the connection ends,
-/// a panic of the connection actor included.
+/// a panic of the socket task included.
 struct SessionGuard {
     cluster: Cluster,
     session: SessionId,
