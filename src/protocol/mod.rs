@@ -1,5 +1,5 @@
-//! Wire types shared by every boundary of branchd: the HTTP API today, the
-//! WebSocket protocol and cluster messages as they land.
+//! Wire types shared by every boundary of branchd: the HTTP API, the
+//! WebSocket protocol and the messages between cluster nodes.
 //!
 //! Everything here is plain data with serde derives. It must never depend on
 //! a transport (axum, ractor) or on storage, so that the server, the tests and

@@ -1,7 +1,7 @@
 //! The edit lock of one workspace, as a plain value: who holds it, until
 //! when, and the events each change of it causes.
 //!
-//! A lock is a lease (DESIGN.md): it ends on release, on expiry or when its
+//! A lock is a lease (docs/architecture.md): it ends on release, on expiry or when its
 //! holder leaves, and it never makes anyone wait. This type only decides:
 //! it takes the time as an argument, sends nothing and starts no timer; the
 //! actor broadcasts the events it returns and posts the expiry message.
