@@ -13,20 +13,13 @@ use std::time::{Duration, Instant};
 
 use branchd::client::{Client, ClientError};
 use branchd::protocol::{ErrorCode, Event, Op, Reply};
-use common::TestDb;
 use common::process::{Served, create_project, login};
+use common::{TestDb, eventually_within, free_port};
 use serde_json::Value;
 
 const COOKIE: &str = "cluster-test-cookie";
 const PASSWORD: &str = "cluster-test-password";
 const LEASE_MS: u64 = 2000;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
 
 /// One node of a test cluster: its process, and what restarts it as itself.
 struct Node {
@@ -134,18 +127,6 @@ fn ready_peers(view: &Value) -> HashSet<String> {
         .collect()
 }
 
-async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn full_mesh(nodes: &[Node], token: &str) {
     for node in nodes {
         let others: HashSet<String> = nodes
@@ -153,7 +134,7 @@ async fn full_mesh(nodes: &[Node], token: &str) {
             .filter(|n| n.tag != node.tag)
             .map(|n| n.tag.clone())
             .collect();
-        eventually(
+        eventually_within(
             &format!("{} is connected to every other node", node.tag),
             Duration::from_secs(20),
             || async { others.is_subset(&ready_peers(&view(node, token).await)) },
@@ -478,7 +459,7 @@ async fn killing_the_owner_moves_the_workspace_and_loses_no_acknowledged_write()
     let writers: Vec<_> = (0..4)
         .map(|id| tokio::spawn(steady_writer(shared.clone(), id)))
         .collect();
-    eventually("writes flow through B", Duration::from_secs(10), || async {
+    eventually_within("writes flow through B", Duration::from_secs(10), || async {
         shared.acked().len() >= 40
     })
     .await;
@@ -487,7 +468,7 @@ async fn killing_the_owner_moves_the_workspace_and_loses_no_acknowledged_write()
     nodes[1].kill();
     let kill_time = Instant::now();
     let before = shared.acked().len();
-    eventually(
+    eventually_within(
         "writes land on a new owner",
         Duration::from_secs(30),
         || async { shared.first_after().is_some() },

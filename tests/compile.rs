@@ -354,12 +354,12 @@ async fn endless_loops_and_recursion_hit_limits_and_the_workspace_keeps_serving(
         assert!(diagnostic.line > 0, "{diagnostic:?}");
         assert!(diagnostic.message.contains(what), "{diagnostic:?}");
         // The workspace still serves.
-        let Reply::File { content, .. } = client
+        let got = client
             .request(Op::ReadFile { path: entry.into() })
             .await
-            .expect("read after a limit")
-        else {
-            panic!()
+            .expect("read after a limit");
+        let Reply::File { content, .. } = got else {
+            panic!("expected Reply::File, got {got:?}");
         };
         assert!(!content.is_empty());
     }
@@ -518,8 +518,9 @@ async fn after_save_stop_and_reactivation_the_first_compile_is_served_from_the_c
         Reply::Saved { saved: true, .. }
     ));
     // The cache lives in .git: nothing to commit, nothing to list.
-    let Reply::Status { changes, .. } = client.request(Op::GitStatus).await.expect("status") else {
-        panic!()
+    let got = client.request(Op::GitStatus).await.expect("status");
+    let Reply::Status { changes, .. } = got else {
+        panic!("expected Reply::Status, got {got:?}")
     };
     assert!(
         changes.iter().all(|c| !c.path.contains("branchd")),

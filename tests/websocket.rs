@@ -86,27 +86,28 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
     assert_eq!(welcome.head.len(), 40);
     assert_eq!(client.ping().await.expect("ping"), "test-node");
 
-    let Reply::Tree { entries } = client
+    let got = client
         .request(Op::ListTree { path: None })
         .await
-        .expect("list_tree")
-    else {
-        panic!()
+        .expect("list_tree");
+    let Reply::Tree { entries } = got else {
+        panic!("expected Reply::Tree, got {got:?}");
     };
     assert_eq!(entries[0].path, "README.md");
-    let Reply::File {
-        content, version, ..
-    } = client
+    let got = client
         .request(Op::ReadFile {
             path: "README.md".into(),
         })
         .await
-        .expect("read_file")
+        .expect("read_file");
+    let Reply::File {
+        content, version, ..
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::File, got {got:?}");
     };
     assert_eq!(content, b"# Gearbox\n");
-    let Reply::Written { path, version: v2 } = client
+    let got = client
         .request(Op::WriteFile {
             path: "README.md".into(),
             content: b"# Gearbox\nv2\n".to_vec(),
@@ -114,9 +115,9 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
             force: false,
         })
         .await
-        .expect("write_file")
-    else {
-        panic!()
+        .expect("write_file");
+    let Reply::Written { path, version: v2 } = got else {
+        panic!("expected Reply::Written, got {got:?}");
     };
     assert_eq!(path, "README.md");
     assert_eq!(v2.len(), 40);
@@ -158,16 +159,17 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
             .expect("delete_path"),
         Reply::Done {}
     ));
-    let Reply::LockTaken {
-        holder, expires_at, ..
-    } = client
+    let got = client
         .request(Op::Lock {
             ttl_ms: Some(5_000),
         })
         .await
-        .expect("lock")
+        .expect("lock");
+    let Reply::LockTaken {
+        holder, expires_at, ..
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::LockTaken, got {got:?}");
     };
     assert_eq!(holder, welcome.session);
     assert!(expires_at > 0);
@@ -175,11 +177,12 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
         client.request(Op::Unlock).await.expect("unlock"),
         Reply::Done {}
     ));
+    let got = client.request(Op::Save).await.expect("save");
     let Reply::Saved {
         snapshot_version, ..
-    } = client.request(Op::Save).await.expect("save")
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::Saved, got {got:?}");
     };
     assert_eq!(snapshot_version, 2);
     assert_eq!(
@@ -192,57 +195,58 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
         ),
         ErrorCode::NotFound
     );
+    let got = client.request(Op::GitStatus).await.expect("git_status");
     let Reply::Status {
         branch, changes, ..
-    } = client.request(Op::GitStatus).await.expect("git_status")
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::Status, got {got:?}");
     };
     assert_eq!(branch, "main");
     assert_eq!(changes.len(), 2);
-    let Reply::Diff { diff } = client
+    let got = client
         .request(Op::GitDiff {
             path: Some("README.md".into()),
         })
         .await
-        .expect("git_diff")
-    else {
-        panic!()
+        .expect("git_diff");
+    let Reply::Diff { diff } = got else {
+        panic!("expected Reply::Diff, got {got:?}");
     };
     assert!(diff.contains("+v2"), "{diff}");
-    let Reply::Committed { commit } = client
+    let got = client
         .request(Op::GitCommit {
             message: "Add a gear".into(),
             paths: None,
         })
         .await
-        .expect("git_commit")
-    else {
-        panic!()
+        .expect("git_commit");
+    let Reply::Committed { commit } = got else {
+        panic!("expected Reply::Committed, got {got:?}");
     };
-    let Reply::Log { commits } = client
+    let got = client
         .request(Op::GitLog { limit: Some(5) })
         .await
-        .expect("git_log")
-    else {
-        panic!()
+        .expect("git_log");
+    let Reply::Log { commits } = got else {
+        panic!("expected Reply::Log, got {got:?}");
     };
     assert_eq!(commits.len(), 2);
     assert_eq!(commits[0].id, commit);
     assert_eq!(commits[0].author, "admin");
-    let Reply::BranchCreated { branch, .. } = client
+    let got = client
         .request(Op::GitCreateBranch {
             name: "feature".into(),
         })
         .await
-        .expect("git_create_branch")
-    else {
-        panic!()
+        .expect("git_create_branch");
+    let Reply::BranchCreated { branch, .. } = got else {
+        panic!("expected Reply::BranchCreated, got {got:?}");
     };
     assert_eq!(branch, "feature");
-    let Reply::Branches { branches } = client.request(Op::GitBranches).await.expect("git_branches")
-    else {
-        panic!()
+    let got = client.request(Op::GitBranches).await.expect("git_branches");
+    let Reply::Branches { branches } = got else {
+        panic!("expected Reply::Branches, got {got:?}");
     };
     assert_eq!(branches, ["feature", "main"]);
     let on_branch = connect(&server, &admin, project, "feature").await;
@@ -277,7 +281,7 @@ async fn two_clients_see_each_others_edits_and_presence(db: TestDb) {
         "{users:?}"
     );
 
-    let Reply::Written { version, .. } = bob
+    let got = bob
         .request(Op::WriteFile {
             path: "b.txt".into(),
             content: b"from bob".to_vec(),
@@ -285,9 +289,9 @@ async fn two_clients_see_each_others_edits_and_presence(db: TestDb) {
             force: false,
         })
         .await
-        .expect("bob writes")
-    else {
-        panic!()
+        .expect("bob writes");
+    let Reply::Written { version, .. } = got else {
+        panic!("expected Reply::Written, got {got:?}");
     };
     match event(&mut alice).await {
         Event::FileChanged {
@@ -404,16 +408,16 @@ async fn a_stale_write_conflicts_and_a_viewer_cannot_write() {
     let watcher = connect(&server, &viewer, project, "main").await;
     assert_eq!(watcher.welcome().role, Role::Viewer);
 
-    let Reply::File { version, .. } = owner
+    let got = owner
         .request(Op::ReadFile {
             path: "README.md".into(),
         })
         .await
-        .expect("read")
-    else {
-        panic!()
+        .expect("read");
+    let Reply::File { version, .. } = got else {
+        panic!("expected Reply::File, got {got:?}");
     };
-    let Reply::Written { version: newer, .. } = owner
+    let got = owner
         .request(Op::WriteFile {
             path: "README.md".into(),
             content: b"new".to_vec(),
@@ -421,9 +425,9 @@ async fn a_stale_write_conflicts_and_a_viewer_cannot_write() {
             force: false,
         })
         .await
-        .expect("write")
-    else {
-        panic!()
+        .expect("write");
+    let Reply::Written { version: newer, .. } = got else {
+        panic!("expected Reply::Written, got {got:?}");
     };
     match owner
         .request(Op::WriteFile {
@@ -440,14 +444,14 @@ async fn a_stale_write_conflicts_and_a_viewer_cannot_write() {
         }
         other => panic!("expected conflict, got {other:?}"),
     }
-    let Reply::File { content, .. } = watcher
+    let got = watcher
         .request(Op::ReadFile {
             path: "README.md".into(),
         })
         .await
-        .expect("viewers read")
-    else {
-        panic!()
+        .expect("viewers read");
+    let Reply::File { content, .. } = got else {
+        panic!("expected Reply::File, got {got:?}");
     };
     assert_eq!(content, b"new", "nothing lost");
     for op in [

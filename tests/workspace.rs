@@ -616,12 +616,12 @@ async fn delete_rename_and_make_dir_change_the_tree_and_are_announced(db: TestDb
             ..
         }
     ));
-    let Reply::Tree { entries } = workspace
+    let got = workspace
         .op(&ada, Op::ListTree { path: None })
         .await
-        .expect("list")
-    else {
-        panic!()
+        .expect("list");
+    let Reply::Tree { entries } = got else {
+        panic!("expected Reply::Tree, got {got:?}");
     };
     let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(paths, ["README.md", "empty", "empty/inner"]);
@@ -669,11 +669,12 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
     .await
     .expect("add");
 
+    let got = workspace.op(&olga, Op::GitStatus).await.expect("status");
     let Reply::Status {
         branch, changes, ..
-    } = workspace.op(&olga, Op::GitStatus).await.expect("status")
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::Status, got {got:?}");
     };
     assert_eq!(branch, "main");
     let ours: Vec<(String, String)> = changes.into_iter().map(|c| (c.path, c.status)).collect();
@@ -693,7 +694,7 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         .collect();
     assert_eq!(ours, cli);
 
-    let Reply::Diff { diff } = workspace
+    let got = workspace
         .op(
             &olga,
             Op::GitDiff {
@@ -701,17 +702,17 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
             },
         )
         .await
-        .expect("diff")
-    else {
-        panic!()
+        .expect("diff");
+    let Reply::Diff { diff } = got else {
+        panic!("expected Reply::Diff, got {got:?}");
     };
     assert_eq!(diff, git(copy.path(), &["diff", "HEAD", "--", "README.md"]));
-    let Reply::Diff { diff: whole } = workspace
+    let got = workspace
         .op(&olga, Op::GitDiff { path: None })
         .await
-        .expect("diff")
-    else {
-        panic!()
+        .expect("diff");
+    let Reply::Diff { diff: whole } = got else {
+        panic!("expected Reply::Diff, got {got:?}");
     };
     git(copy.path(), &["add", "--intent-to-add", "."]);
     assert_eq!(
@@ -720,7 +721,7 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         "new files show as additions"
     );
 
-    let Reply::Committed { commit: first } = workspace
+    let got = workspace
         .op(
             &olga,
             Op::GitCommit {
@@ -729,13 +730,13 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
             },
         )
         .await
-        .expect("commit src only")
-    else {
-        panic!()
+        .expect("commit src only");
+    let Reply::Committed { commit: first } = got else {
+        panic!("expected Reply::Committed, got {got:?}");
     };
-    let Reply::Status { changes, .. } = workspace.op(&olga, Op::GitStatus).await.expect("status")
-    else {
-        panic!()
+    let got = workspace.op(&olga, Op::GitStatus).await.expect("status");
+    let Reply::Status { changes, .. } = got else {
+        panic!("expected Reply::Status, got {got:?}");
     };
     let left: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
     assert_eq!(
@@ -743,7 +744,7 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         ["README.md", "notes.txt", "src-extra/other.rhai"],
         "only src was committed, literally (not src-extra)"
     );
-    let Reply::Committed { commit: second } = workspace
+    let got = workspace
         .op(
             &olga,
             Op::GitCommit {
@@ -752,9 +753,9 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
             },
         )
         .await
-        .expect("commit all")
-    else {
-        panic!()
+        .expect("commit all");
+    let Reply::Committed { commit: second } = got else {
+        panic!("expected Reply::Committed, got {got:?}");
     };
     let empty = workspace
         .op(
@@ -795,12 +796,12 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         assert_eq!(err.code, code, "{paths:?}: {}", err.message);
     }
 
-    let Reply::Log { commits } = workspace
+    let got = workspace
         .op(&olga, Op::GitLog { limit: Some(10) })
         .await
-        .expect("log")
-    else {
-        panic!()
+        .expect("log");
+    let Reply::Log { commits } = got else {
+        panic!("expected Reply::Log, got {got:?}");
     };
     let copy = saved_copy(&fixture, &workspace, &fixture.key).await;
     let cli_log = git(copy.path(), &["log", "--format=%H|%an|%ae|%s"]);
@@ -821,10 +822,9 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         git(copy.path(), &["status", "--porcelain"]).is_empty(),
         "clean after commit"
     );
-    let Reply::Status { changes, head, .. } =
-        workspace.op(&olga, Op::GitStatus).await.expect("status")
-    else {
-        panic!()
+    let got = workspace.op(&olga, Op::GitStatus).await.expect("status");
+    let Reply::Status { changes, head, .. } = got else {
+        panic!("expected Reply::Status, got {got:?}");
     };
     assert!(changes.is_empty());
     assert_eq!(head, second);
@@ -838,7 +838,7 @@ async fn create_branch_starts_a_new_workspace_at_the_source_head(db: TestDb) {
     write(&workspace, "olga", "part.rhai", b"cube(2, 2, 2)\n", None)
         .await
         .expect("write");
-    let Reply::Committed { commit } = workspace
+    let got = workspace
         .op(
             &olga,
             Op::GitCommit {
@@ -847,19 +847,15 @@ async fn create_branch_starts_a_new_workspace_at_the_source_head(db: TestDb) {
             },
         )
         .await
-        .expect("commit")
-    else {
-        panic!()
+        .expect("commit");
+    let Reply::Committed { commit } = got else {
+        panic!("expected Reply::Committed, got {got:?}");
     };
     write(&workspace, "olga", "draft.txt", b"uncommitted\n", None)
         .await
         .expect("uncommitted");
 
-    let Reply::BranchCreated {
-        branch,
-        head,
-        snapshot_version,
-    } = workspace
+    let got = workspace
         .op(
             &olga,
             Op::GitCreateBranch {
@@ -867,20 +863,25 @@ async fn create_branch_starts_a_new_workspace_at_the_source_head(db: TestDb) {
             },
         )
         .await
-        .expect("create branch")
+        .expect("create branch");
+    let Reply::BranchCreated {
+        branch,
+        head,
+        snapshot_version,
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::BranchCreated, got {got:?}");
     };
     assert_eq!(
         (branch.as_str(), head.as_str(), snapshot_version),
         ("feature/gears", commit.as_str(), 1)
     );
-    let Reply::Branches { branches } = workspace
+    let got = workspace
         .op(&olga, Op::GitBranches)
         .await
-        .expect("branches")
-    else {
-        panic!()
+        .expect("branches");
+    let Reply::Branches { branches } = got else {
+        panic!("expected Reply::Branches, got {got:?}");
     };
     assert_eq!(branches, ["feature/gears", "main"]);
 
@@ -889,13 +890,14 @@ async fn create_branch_starts_a_new_workspace_at_the_source_head(db: TestDb) {
         .await
         .expect("the branch activates");
     let _f = attach(&feature, "olga", Role::Owner).await;
+    let got = feature.op(&olga, Op::GitStatus).await.expect("status");
     let Reply::Status {
         branch,
         head,
         changes,
-    } = feature.op(&olga, Op::GitStatus).await.expect("status")
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::Status, got {got:?}");
     };
     assert_eq!(
         (branch.as_str(), head.as_str()),
@@ -964,20 +966,22 @@ async fn save_then_reactivation_restores_uncommitted_edits_byte_for_byte(db: Tes
         .await
         .expect("dir");
 
+    let got = workspace.op(&olga, Op::Save).await.expect("save");
     let Reply::Saved {
         snapshot_version,
         saved,
-    } = workspace.op(&olga, Op::Save).await.expect("save")
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::Saved, got {got:?}");
     };
     assert_eq!((snapshot_version, saved), (2, true));
+    let got = workspace.op(&olga, Op::Save).await.expect("save again");
     let Reply::Saved {
         snapshot_version,
         saved,
-    } = workspace.op(&olga, Op::Save).await.expect("save again")
+    } = got
     else {
-        panic!()
+        panic!("expected Reply::Saved, got {got:?}");
     };
     assert_eq!(
         (snapshot_version, saved),
@@ -1011,7 +1015,7 @@ async fn save_then_reactivation_restores_uncommitted_edits_byte_for_byte(db: Tes
             .0,
         "ß→∑\n".as_bytes()
     );
-    let Reply::Tree { entries } = again
+    let got = again
         .op(
             &olga,
             Op::ListTree {
@@ -1019,14 +1023,14 @@ async fn save_then_reactivation_restores_uncommitted_edits_byte_for_byte(db: Tes
             },
         )
         .await
-        .expect("empty dir survives")
-    else {
-        panic!()
+        .expect("empty dir survives");
+    let Reply::Tree { entries } = got else {
+        panic!("expected Reply::Tree, got {got:?}");
     };
     assert!(entries.is_empty());
-    let Reply::Status { changes, .. } = again.op(&olga, Op::GitStatus).await.expect("status")
-    else {
-        panic!()
+    let got = again.op(&olga, Op::GitStatus).await.expect("status");
+    let Reply::Status { changes, .. } = got else {
+        panic!("expected Reply::Status, got {got:?}");
     };
     let untracked: Vec<&str> = changes.iter().map(|c| c.path.as_str()).collect();
     assert_eq!(
@@ -1144,12 +1148,12 @@ async fn every_bad_path_is_refused(db: TestDb) {
         !outside.path().join("new").exists(),
         "nothing was written outside"
     );
-    let Reply::Tree { entries } = workspace
+    let got = workspace
         .op(&"ada".to_string(), Op::ListTree { path: None })
         .await
-        .expect("list")
-    else {
-        panic!()
+        .expect("list");
+    let Reply::Tree { entries } = got else {
+        panic!("expected Reply::Tree, got {got:?}");
     };
     assert!(
         entries.iter().all(|e| e.path != "link"),
@@ -1231,7 +1235,7 @@ mod journal {
             )
             .await
             .expect("mkdir");
-        let Reply::Committed { commit } = workspace
+        let got = workspace
             .op(
                 &olga,
                 Op::GitCommit {
@@ -1240,9 +1244,9 @@ mod journal {
                 },
             )
             .await
-            .expect("commit")
-        else {
-            panic!()
+            .expect("commit");
+        let Reply::Committed { commit } = got else {
+            panic!("expected Reply::Committed, got {got:?}");
         };
         write(&workspace, "olga", "b.txt", b"second", None)
             .await
@@ -1292,26 +1296,27 @@ mod journal {
                 .code,
             ErrorCode::NotFound
         );
-        let Reply::Log { commits } = again
+        let got = again
             .op(&olga, Op::GitLog { limit: Some(1) })
             .await
-            .expect("log")
-        else {
-            panic!()
+            .expect("log");
+        let Reply::Log { commits } = got else {
+            panic!("expected Reply::Log, got {got:?}");
         };
         assert_eq!(commits[0].id, commit, "replay makes the very same commit");
-        let Reply::Tree { entries } = again
+        let got = again
             .op(&olga, Op::ListTree { path: None })
             .await
-            .expect("list")
-        else {
-            panic!()
+            .expect("list");
+        let Reply::Tree { entries } = got else {
+            panic!("expected Reply::Tree, got {got:?}");
         };
         assert!(entries.iter().any(|e| e.path == "empty"), "{entries:?}");
 
         // A save covers the journal and trims it.
-        let Reply::Saved { saved, .. } = again.op(&olga, Op::Save).await.expect("save") else {
-            panic!()
+        let got = again.op(&olga, Op::Save).await.expect("save");
+        let Reply::Saved { saved, .. } = got else {
+            panic!("expected Reply::Saved, got {got:?}")
         };
         assert!(saved);
         assert!(

@@ -400,19 +400,37 @@ pub fn session(id: &str, role: Role) -> SessionInfo {
 }
 
 /// Polls `check` until it is true, for at most 10 s.
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    eventually_within(what, std::time::Duration::from_secs(10), check).await
+}
+
+/// Polls `check` until it is true, for at most `within`; fails the test
+/// naming `what` when time runs out.
+pub async fn eventually_within<F, Fut>(what: &str, within: std::time::Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
     while !check().await {
         assert!(
             std::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
+            "timed out after {within:?} waiting until {what}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 /// The next event other than `presence` (which every join and leave sends).
