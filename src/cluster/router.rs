@@ -167,13 +167,15 @@ pub fn router_of(server_tag: &str) -> Option<ActorRef<RouterMsg>> {
     .map(ActorRef::from)
 }
 
-/// The routers serving a workspace, as this node sees the group.
+/// The routers serving a workspace, as this node sees the group (which
+/// also holds, on the serving node, the workspace actor itself).
 pub fn servers_of(key: &WorkspaceKey) -> Vec<ActorRef<RouterMsg>> {
     ractor::pg::get_scoped_members(
         &wire::WORKSPACE_SCOPE.to_string(),
         &wire::workspace_group(key),
     )
     .into_iter()
+    .filter(|member| member.is_message_type_of::<RouterMsg>() != Some(false))
     .map(ActorRef::from)
     .collect()
 }

@@ -18,15 +18,14 @@ use crate::protocol::{Event, Op, OpError, Reply, SessionId};
 use crate::storage::WorkspaceKey;
 use crate::workspace::{AttachInfo, Audience, SessionInfo};
 
-/// The process-group scope routers join per workspace they serve.
-pub const WORKSPACE_SCOPE: &str = "git";
+/// The process-group scope and group of a workspace (`git`,
+/// `{project}:{branch}`): the workspace actor joins it on its node, and the
+/// node's router joins it to stand for the workspace before other nodes
+/// (only the router's membership crosses node links).
+pub use crate::workspace::{GROUP_SCOPE as WORKSPACE_SCOPE, group_of as workspace_group};
+
 /// The process-group scope routers join once per node.
 pub const NODE_SCOPE: &str = "branchd";
-
-/// The group of the node(s) serving a workspace: `{project}:{branch}`.
-pub fn workspace_group(key: &WorkspaceKey) -> String {
-    format!("{}:{}", key.project_id, key.branch)
-}
 
 /// The group of one node's router: `router:{server_tag}`.
 pub fn router_group(server_tag: &str) -> String {

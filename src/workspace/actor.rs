@@ -37,6 +37,12 @@ impl Actor for WorkspaceActor {
         args: WorkspaceArgs,
     ) -> Result<WorkspaceState, ActorProcessingErr> {
         let state = activate(args).await?;
+        // Left by itself when the actor ends, however it ends.
+        ractor::pg::join_scoped(
+            super::GROUP_SCOPE.to_string(),
+            super::group_of(&state.key),
+            vec![myself.get_cell()],
+        );
         let tick = (state.settings.autosave_quiet / 2)
             .min(state.settings.autosave_max / 2)
             .clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -139,7 +145,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         let (workspace, handle) = Workspace::start(WorkspaceArgs {
-            key,
+            key: key.clone(),
             store,
             settings: WorkspaceSettings::from_config(&config),
             fence,
@@ -148,9 +154,22 @@ mod tests {
         .expect("start");
         let dir = workspace.info().await.expect("info").dir;
         assert!(dir.join("README.md").is_file());
+        let members = || {
+            ractor::pg::get_scoped_local_members(
+                &crate::workspace::GROUP_SCOPE.to_string(),
+                &crate::workspace::group_of(&key),
+            )
+        };
+        assert_eq!(
+            members().iter().map(|m| m.get_id()).collect::<Vec<_>>(),
+            vec![workspace.actor().get_id()],
+            "the active workspace is the member of its group {}:main",
+            key.project_id
+        );
 
         workspace.actor().cast(WorkspaceMsg::Panic).expect("cast");
         handle.await.expect("actor task ends");
         assert!(!dir.exists(), "the working dir is removed after a panic");
+        assert!(members().is_empty(), "a crashed workspace leaves its group");
     }
 }

@@ -47,6 +47,21 @@ use std::path::Path;
 
 use repo::GitAuthor;
 
+use crate::storage::WorkspaceKey;
+
+/// The process-group scope of workspaces.
+pub const GROUP_SCOPE: &str = "git";
+
+/// The process group of a workspace, `{project}:{branch}` in scope
+/// [`GROUP_SCOPE`]: its actor joins it on the node that serves it (DESIGN's
+/// shape). The group is joined locally only: a workspace actor's messages
+/// cannot cross a network, so ractor_cluster does not announce it to other
+/// nodes; there, the serving node's router (a member of the same group)
+/// stands for it.
+pub fn group_of(key: &WorkspaceKey) -> String {
+    format!("{}:{}", key.project_id, key.branch)
+}
+
 /// Builds the first snapshot of a new project: a repository on `branch`
 /// with a `README.md` and one commit by `author`, packed. The scratch
 /// directory is made under `scratch_root` and removed afterwards.
