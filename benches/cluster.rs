@@ -94,16 +94,8 @@ async fn main() {
         println!("cluster bench: set DATABASE_URL=postgres://... (clustering needs Postgres)");
         return;
     };
-    let schema = format!("bench_cluster_{}", std::process::id());
-    let mut admin = sqlx::PgConnection::connect(&base_url)
-        .await
-        .expect("connect to Postgres");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut admin)
-        .await
-        .expect("create schema");
-    let separator = if base_url.contains('?') { '&' } else { '?' };
-    let url = format!("{base_url}{separator}options=-c%20search_path%3D{schema}");
+    let schema = common::PgSchema::create(&base_url, "bench_cluster").await;
+    let url = schema.url.clone();
 
     let dirs = (
         tempfile::tempdir().expect("dir"),
@@ -196,7 +188,5 @@ async fn main() {
     drop(routed);
     drop(owner);
     drop(other);
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&mut admin)
-        .await;
+    schema.drop_schema().await;
 }

@@ -16,20 +16,6 @@ mod common;
 
 const WORKSPACES: usize = 2_000;
 
-/// This process's resident memory in KiB, from /proc.
-fn resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
@@ -68,7 +54,7 @@ async fn main() {
             .expect("branch");
     }
 
-    let (rss_before, fds_before) = (resident_kib(), open_fds());
+    let (rss_before, fds_before) = (common::resident_kib(), open_fds());
     let started = Instant::now();
     for i in 0..WORKSPACES {
         let key = WorkspaceKey::new(project, format!("b{i}"));
@@ -89,7 +75,7 @@ async fn main() {
     }
     let elapsed = started.elapsed();
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let (rss_after, fds_after) = (resident_kib(), open_fds());
+    let (rss_after, fds_after) = (common::resident_kib(), open_fds());
     let live = allocator
         .workspaces()
         .await

@@ -37,22 +37,16 @@ async fn attach_and_detach(store: &dyn Store, session: &WsSession) {
 #[tokio::main]
 async fn main() {
     let data = tempfile::tempdir().expect("data");
-    let (url, schema) = match std::env::var("DATABASE_URL") {
+    let schema = match std::env::var("DATABASE_URL") {
         Ok(base) if base.starts_with("postgres") => {
-            let schema = format!("bench_sessions_{}", std::process::id());
-            let mut admin = sqlx::PgConnection::connect(&base)
-                .await
-                .expect("connect to Postgres");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                .execute(&mut admin)
-                .await
-                .expect("create schema");
-            let separator = if base.contains('?') { '&' } else { '?' };
-            let url = format!("{base}{separator}options=-c%20search_path%3D{schema}");
-            (url, Some((base, schema)))
+            Some(common::PgSchema::create(&base, "bench_sessions").await)
         }
-        _ => (storage::sqlite::default_url(data.path()), None),
+        _ => None,
     };
+    let url = schema.as_ref().map_or_else(
+        || storage::sqlite::default_url(data.path()),
+        |schema| schema.url.clone(),
+    );
     let store: Arc<dyn Store> = storage::open(&url, 8).await.expect("store");
     let user = store
         .create_user(NewUser {
@@ -136,13 +130,7 @@ async fn main() {
     report.write();
 
     drop(store);
-    if let Some((base, schema)) = schema
-        && let Ok(mut admin) = sqlx::PgConnection::connect(&base).await
-    {
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE"
-        )))
-        .execute(&mut admin)
-        .await;
+    if let Some(schema) = schema {
+        schema.drop_schema().await;
     }
 }

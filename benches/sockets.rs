@@ -20,20 +20,6 @@ const BRANCHES: usize = 100;
 const PER_BRANCH: usize = 20;
 const IDLE: Duration = Duration::from_secs(20);
 
-/// This process's resident memory in KiB, from /proc.
-fn resident_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kib| kib.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// CPU time (user + system) this process has used, from /proc.
 fn cpu_time() -> Duration {
     let ticks = std::fs::read_to_string("/proc/self/stat")
@@ -86,7 +72,7 @@ async fn main() {
         clients.push(client);
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_before = resident_kib();
+    let rss_before = common::resident_kib();
     let started = Instant::now();
     for _ in 1..PER_BRANCH {
         for b in 0..BRANCHES {
@@ -99,7 +85,7 @@ async fn main() {
     let opened = clients.len() - BRANCHES;
     let connect_time = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_after = resident_kib();
+    let rss_after = common::resident_kib();
 
     let cpu_before = cpu_time();
     tokio::time::sleep(IDLE).await;

@@ -270,3 +270,52 @@ impl Report {
         std::fs::write(dir.join(format!("{}.json", self.bench)), text).expect("write results");
     }
 }
+
+/// This process's resident memory in KiB, from /proc.
+pub fn resident_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// A Postgres schema of a benchmark's own, made in the database at `base`
+/// and dropped by [`PgSchema::drop_schema`]; `url` reaches it.
+pub struct PgSchema {
+    pub url: String,
+    name: String,
+    admin: sqlx::PgConnection,
+}
+
+impl PgSchema {
+    /// Makes `{prefix}_{pid}` in the database at `base`.
+    pub async fn create(base: &str, prefix: &str) -> PgSchema {
+        use sqlx::Connection;
+        let name = format!("{prefix}_{}", std::process::id());
+        let mut admin = sqlx::PgConnection::connect(base)
+            .await
+            .expect("connect to Postgres");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+            .execute(&mut admin)
+            .await
+            .expect("create schema");
+        let separator = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{separator}options=-c%20search_path%3D{name}");
+        PgSchema { url, name, admin }
+    }
+
+    pub async fn drop_schema(mut self) {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {} CASCADE",
+            self.name
+        )))
+        .execute(&mut self.admin)
+        .await;
+    }
+}
