@@ -12,6 +12,7 @@ use branchd::config::Config;
 use branchd::protocol::{EntryKind, ErrorCode, Event, Op, OpError, Reply};
 use branchd::storage::{Role, Store, WorkspaceKey};
 use branchd::workspace::{Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
+use common::gated::GatedStore;
 use common::{Setup, TestDb, next_event, own, session};
 use tokio::sync::mpsc;
 
@@ -1394,76 +1395,97 @@ mod journal {
 }
 
 async fn reads_and_writes_are_served_while_a_save_runs(db: TestDb) {
-    let fixture = Fixture::new(db).await;
+    let mut fixture = Fixture::new(db).await;
+    let (store, gate) = GatedStore::wrap(fixture.store.clone());
+    fixture.store = store;
     let workspace = fixture.start().await;
     let _a = attach(&workspace, "olga", Role::Owner).await;
     let olga = "olga".to_string();
-    // Enough content that packing takes a while (incompressible bytes).
-    let mut noise = Vec::with_capacity(4 << 20);
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    while noise.len() < 4 << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        noise.extend_from_slice(&x.to_le_bytes());
-    }
-    write(&workspace, "olga", "big.bin", &noise, None)
-        .await
-        .expect("big file");
     write(&workspace, "olga", "small.txt", b"before", None)
         .await
         .expect("small file");
 
     let saving = {
         let (workspace, olga) = (workspace.clone(), olga.clone());
-        tokio::spawn(async move {
-            let reply = workspace.op(&olga, Op::Save).await;
-            (reply, std::time::Instant::now())
-        })
+        tokio::spawn(async move { workspace.op(&olga, Op::Save).await })
     };
-    // Give the save message a head start into the mailbox.
-    tokio::time::sleep(Duration::from_millis(2)).await;
-    let read = workspace
-        .op(
+    gate.until_a_save_waits().await;
+
+    // The save is now held inside `put_snapshot` until the gate opens. Were
+    // the workspace to wait for a save on its mailbox (awaiting the store in
+    // its handler), the read and the write below would queue behind it and
+    // go unanswered while the gate is shut: the time-outs turn that into a
+    // failure, not a hang. No head start or slow packing is needed, and a
+    // fast machine cannot make the save finish first.
+    let within = Duration::from_secs(10);
+    let read = tokio::time::timeout(
+        within,
+        workspace.op(
             &olga,
             Op::ReadFile {
                 path: "small.txt".into(),
             },
-        )
-        .await
-        .expect("a read during the save");
-    let read_done = std::time::Instant::now();
+        ),
+    )
+    .await
+    .expect("a read is answered while a save is held in the store")
+    .expect("a read during the save");
     let Reply::File { content, .. } = read else {
         panic!("expected a file, got {read:?}");
     };
     assert_eq!(content, b"before");
-    let written = write(
-        &workspace,
-        "olga",
-        "during.txt",
-        b"written while saving",
-        None,
+    tokio::time::timeout(
+        within,
+        write(
+            &workspace,
+            "olga",
+            "during.txt",
+            b"written while saving",
+            None,
+        ),
     )
-    .await;
-    let write_done = std::time::Instant::now();
-    written.expect("a write during the save");
+    .await
+    .expect("a write is answered while a save is held in the store")
+    .expect("a write during the save");
+    assert_eq!(
+        gate.saves_waiting(),
+        1,
+        "the save was still held when the read and the write were answered"
+    );
+    assert!(!saving.is_finished(), "the save waits for the gate");
 
-    let (saved, save_done) = saving.await.expect("save task");
-    assert!(
-        matches!(saved, Ok(Reply::Saved { saved: true, .. })),
-        "{saved:?}"
-    );
-    assert!(
-        read_done < save_done,
-        "the read was answered before the save"
-    );
-    assert!(
-        write_done < save_done,
-        "the write was answered before the save"
-    );
+    gate.open();
+    let saved = tokio::time::timeout(within, saving)
+        .await
+        .expect("the save completes once the gate opens")
+        .expect("save task");
+    let Ok(Reply::Saved {
+        snapshot_version,
+        saved: true,
+    }) = saved
+    else {
+        panic!("expected a completed save, got {saved:?}");
+    };
 
-    // The write that came in during the save is not in that snapshot, so
-    // the workspace is still unsaved, and the next save has it.
+    // The held save has the tree as it was when the save began...
+    let held = fixture
+        .store
+        .snapshot(&fixture.key, snapshot_version)
+        .await
+        .expect("read")
+        .expect("the held save's snapshot");
+    let dir = tempfile::tempdir().expect("dir");
+    snapshot::unpack(&held.data, dir.path(), 1 << 30).expect("unpack");
+    assert_eq!(
+        std::fs::read(dir.path().join("small.txt")).expect("in the held save"),
+        b"before"
+    );
+    assert!(
+        !dir.path().join("during.txt").exists(),
+        "a write made during the save is not in that snapshot"
+    );
+    // ... so the write made meanwhile keeps the workspace unsaved, and the
+    // next save has it.
     let info = workspace.info().await.expect("info");
     assert!(
         info.dirty,
@@ -1473,9 +1495,5 @@ async fn reads_and_writes_are_served_while_a_save_runs(db: TestDb) {
     assert_eq!(
         std::fs::read(copy.path().join("during.txt")).expect("in the next save"),
         b"written while saving"
-    );
-    assert_eq!(
-        std::fs::read(copy.path().join("big.bin")).expect("big"),
-        noise
     );
 }

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)] // each test crate uses a different part of this module
 
+pub mod gated;
 pub mod process;
 
 use std::sync::Arc;
