@@ -73,7 +73,11 @@ impl SqlStore {
             pool: pool.clone(),
             dialect,
         };
-        // Ends when the store (the queue's only sender) is dropped.
+        // Ends when the store (the queue's only sender) is dropped. Not on
+        // the node's shutdown tracker: the store lives below the node (tools
+        // and tests open one with no node), and nothing in the queue is
+        // unwaited: every append is awaited by its caller, a tracked task,
+        // so a drain that waits for its tasks waits for their appends.
         tokio::spawn(committer.run(queue));
         Ok(SqlStore {
             pool,
