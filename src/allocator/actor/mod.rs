@@ -1,7 +1,7 @@
 //! The allocator actor: the one place that decides, for this node, which
 //! workspace actor serves a key, and when it starts, restarts and stops.
 //!
-//! Each key moves through [`Phase`]s. Work that takes time (claiming and
+//! Each key moves through [`Phase`](entry::Phase)s. Work that takes time (claiming and
 //! activating, saving and stopping) runs in a task that reports back with
 //! [`AllocatorMsg::Activated`] or [`AllocatorMsg::Stopped`]; a generation
 //! number per key makes late reports from superseded tasks harmless. Every
@@ -10,9 +10,10 @@
 //! This file holds the messages, the state and the dispatch; each job is a
 //! child module with its own `impl AllocatorState`: [`entry`] (a key's
 //! record and its phases), [`activation`] (registers and starting actors),
-//! [`supervision`] (crashes, restarts, failed keys), [`stop`] (saving and
-//! stopping: garbage collection and kills), [`drain`] (giving keys up on
-//! shutdown or takeover) and [`status`] (what operators see).
+//! [`supervision`] (crashes, restarts, failed keys and their reset),
+//! [`stop`] (saving and stopping: garbage collection and kills), [`drain`]
+//! (giving keys up on shutdown or takeover) and [`status`] (what it
+//! reports).
 //!
 //! It must never await inside a handler: anything slow goes to a task.
 
@@ -33,7 +34,7 @@ use crate::protocol::{OpError, SessionId};
 use crate::shutdown::TaskGroup;
 use crate::storage::{Fence, Store, WorkspaceKey};
 use crate::workspace::{EventSink, SessionInfo, Workspace, WorkspaceSettings};
-use entry::{Entry, Phase};
+use entry::Entry;
 
 pub(super) struct AllocatorActor;
 
@@ -169,15 +170,7 @@ impl Actor for AllocatorActor {
                 let _ = reply.send(state.entries());
             }
             AllocatorMsg::Reset { key, reply } => {
-                let failed = matches!(
-                    state.entries.get(&key).map(|e| &e.phase),
-                    Some(Phase::Failed { .. })
-                );
-                if failed {
-                    state.entries.remove(&key);
-                    tracing::info!(workspace = %key, "failed workspace reset by an operator");
-                }
-                let _ = reply.send(failed);
+                let _ = reply.send(state.reset(&key));
             }
             AllocatorMsg::Stats { reply } => {
                 let _ = reply.send(state.stats);
@@ -187,15 +180,7 @@ impl Actor for AllocatorActor {
             }
             AllocatorMsg::Disown { keys } => state.disown(keys),
             AllocatorMsg::Held { reply } => {
-                let held = state
-                    .entries
-                    .iter()
-                    // Not stopping ones: they release their claim on the
-                    // way out, and are not serving anyone any more.
-                    .filter(|(_, e)| matches!(e.phase, Phase::Active(_)))
-                    .filter_map(|(key, e)| e.fence.as_ref().map(|f| (key.clone(), f.epoch)))
-                    .collect();
-                let _ = reply.send(held);
+                let _ = reply.send(state.held());
             }
         }
         Ok(())

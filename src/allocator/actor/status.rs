@@ -1,5 +1,6 @@
-//! What operators see of the allocator: one [`WorkspaceStatus`] per key,
-//! from the allocator's own bookkeeping.
+//! What the allocator reports from its own bookkeeping: one
+//! [`WorkspaceStatus`] per key for operators, and the keys it holds (with
+//! their epochs) for the heartbeat to check against the database.
 //!
 //! It must never change an entry: it only reports.
 
@@ -9,6 +10,7 @@ use super::AllocatorState;
 use super::entry::Phase;
 use crate::allocator::WorkspaceStatus;
 use crate::protocol::SessionId;
+use crate::storage::WorkspaceKey;
 use crate::workspace::Workspace;
 
 fn now_ms() -> i64 {
@@ -56,6 +58,18 @@ impl AllocatorState {
                 };
                 (status, workspace)
             })
+            .collect()
+    }
+
+    /// The keys this node has an active actor for, with the epoch of the
+    /// claim the actor writes under.
+    pub(super) fn held(&self) -> Vec<(WorkspaceKey, i64)> {
+        self.entries
+            .iter()
+            // Not stopping ones: they release their claim on the way out,
+            // and are not serving anyone any more.
+            .filter(|(_, e)| matches!(e.phase, Phase::Active(_)))
+            .filter_map(|(key, e)| e.fence.as_ref().map(|f| (key.clone(), f.epoch)))
             .collect()
     }
 }

@@ -42,6 +42,20 @@ impl AllocatorState {
         publish(&self.registry, key, None);
     }
 
+    /// An operator's reset of a failed key: forgets it, so the next
+    /// register starts it afresh. Whether the key was failed.
+    pub(super) fn reset(&mut self, key: &WorkspaceKey) -> bool {
+        let failed = matches!(
+            self.entries.get(key).map(|e| &e.phase),
+            Some(Phase::Failed { .. })
+        );
+        if failed {
+            self.entries.remove(key);
+            tracing::info!(workspace = %key, "failed workspace reset by an operator");
+        }
+        failed
+    }
+
     pub(super) fn crashed(
         &mut self,
         myself: &ActorRef<AllocatorMsg>,
