@@ -11,7 +11,8 @@ use std::time::Duration;
 use branchd::config::Config;
 use branchd::protocol::{EntryKind, ErrorCode, Event, Op, OpError, Reply};
 use branchd::storage::{Role, Store, WorkspaceKey};
-use branchd::workspace::{Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
+use branchd::workspace::liveness::ManualClock;
+use branchd::workspace::{Liveness, Workspace, WorkspaceArgs, WorkspaceSettings, snapshot};
 use common::gated::GatedStore;
 use common::{Setup, TestDb, next_event, own, session};
 use tokio::sync::mpsc;
@@ -1182,8 +1183,45 @@ mod journal {
     on_both_backends!(
         a_killed_workspace_replays_its_journal_to_the_same_files_and_commits,
         a_workspace_that_lost_its_claim_cannot_write,
+        a_node_silent_for_the_fence_refuses_writes_and_serves_reads_until_it_renews,
         a_dirty_workspace_saves_itself_after_a_quiet_period,
     );
+
+    async fn a_node_silent_for_the_fence_refuses_writes_and_serves_reads_until_it_renews(
+        db: TestDb,
+    ) {
+        let mut fixture = Fixture::new(db).await;
+        let clock = ManualClock::new();
+        let fence_after = Duration::from_secs(5);
+        fixture.settings.liveness = Liveness::with_clock(fence_after, Arc::new(clock.clone()));
+        // The heartbeat task's side of the same liveness.
+        let heartbeat = fixture.settings.liveness.clone();
+        heartbeat.renewed();
+        let workspace = fixture.start().await;
+        let _a = attach(&workspace, "olga", Role::Owner).await;
+        write(&workspace, "olga", "mine.txt", b"before", None)
+            .await
+            .expect("write while renewed");
+
+        clock.advance(fence_after);
+        let (_, version) = read(&workspace, "olga", "mine.txt")
+            .await
+            .expect("reads go on while fenced");
+        let fenced = write(&workspace, "olga", "mine.txt", b"after", Some(&version))
+            .await
+            .expect_err("no writes once silent for the fence");
+        assert_eq!(fenced.code, ErrorCode::Unavailable, "{fenced:?}");
+        assert_eq!(
+            read(&workspace, "olga", "mine.txt").await.expect("read").0,
+            b"before",
+            "never applied"
+        );
+
+        heartbeat.renewed();
+        write(&workspace, "olga", "mine.txt", b"after", Some(&version))
+            .await
+            .expect("writes resume once the heartbeat is renewed");
+    }
 
     async fn a_dirty_workspace_saves_itself_after_a_quiet_period(db: TestDb) {
         let fixture = Fixture::with(db, |config| {

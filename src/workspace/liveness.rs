@@ -7,15 +7,71 @@
 //! renewal, well before any other node may claim them. The epoch check in
 //! the database is the hard guarantee; this keeps a cut-off node from even
 //! trying. This type only keeps time: it must never touch the database.
+//!
+//! It reads the time from a [`Clock`]: the system's in a node, a
+//! [`ManualClock`] in tests, which advance it past the fence instead of
+//! sleeping.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// Where [`Liveness`] reads the time.
+pub trait Clock: fmt::Debug + Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+/// The system's monotonic clock: what a node runs on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A clock that moves only when [`advance`](ManualClock::advance)d, so a
+/// test of self-fencing takes no wall time. Clones share one time.
+#[derive(Debug, Clone)]
+pub struct ManualClock {
+    start: Instant,
+    /// Milliseconds advanced since `start`.
+    advanced: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    pub fn new() -> ManualClock {
+        ManualClock {
+            start: Instant::now(),
+            advanced: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.advanced
+            .fetch_add(by.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Default for ManualClock {
+    fn default() -> ManualClock {
+        ManualClock::new()
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.start + Duration::from_millis(self.advanced.load(Ordering::Relaxed))
+    }
+}
 
 /// The time of this node's last successful heartbeat, shared by the
 /// heartbeat task (which renews it) and every workspace (which checks it).
 #[derive(Debug, Clone)]
 pub struct Liveness {
+    clock: Arc<dyn Clock>,
     origin: Instant,
     /// Milliseconds after `origin` of the last renewal.
     renewed: Arc<AtomicU64>,
@@ -28,19 +84,29 @@ pub struct Liveness {
 
 impl Liveness {
     /// A node that has just renewed, and stops writing `fence_after` after
-    /// its last renewal.
+    /// its last renewal, by the system clock.
     pub fn new(fence_after: Duration) -> Liveness {
+        Liveness::with_clock(fence_after, Arc::new(SystemClock))
+    }
+
+    /// As [`Liveness::new`], reading the time from `clock`.
+    pub fn with_clock(fence_after: Duration, clock: Arc<dyn Clock>) -> Liveness {
         Liveness {
-            origin: Instant::now(),
+            origin: clock.now(),
+            clock,
             renewed: Arc::new(AtomicU64::new(0)),
             managed: Arc::new(AtomicBool::new(false)),
             fence_after,
         }
     }
 
+    fn elapsed(&self) -> Duration {
+        self.clock.now().saturating_duration_since(self.origin)
+    }
+
     /// Records a successful heartbeat.
     pub fn renewed(&self) {
-        let now = self.origin.elapsed().as_millis() as u64;
+        let now = self.elapsed().as_millis() as u64;
         self.renewed.fetch_max(now, Ordering::Relaxed);
         self.managed.store(true, Ordering::Relaxed);
     }
@@ -48,7 +114,7 @@ impl Liveness {
     /// Time since the last successful heartbeat.
     pub fn silence(&self) -> Duration {
         let last = Duration::from_millis(self.renewed.load(Ordering::Relaxed));
-        self.origin.elapsed().saturating_sub(last)
+        self.elapsed().saturating_sub(last)
     }
 
     /// Whether writes are allowed: the heartbeat is younger than the fence.
@@ -61,15 +127,49 @@ impl Liveness {
 mod tests {
     use super::*;
 
+    fn manual(fence_after: Duration) -> (Liveness, ManualClock) {
+        let clock = ManualClock::new();
+        (
+            Liveness::with_clock(fence_after, Arc::new(clock.clone())),
+            clock,
+        )
+    }
+
     #[test]
-    fn writes_stop_after_the_fence_and_resume_on_renewal() {
-        let liveness = Liveness::new(Duration::from_millis(30));
-        std::thread::sleep(Duration::from_millis(40));
+    fn a_node_that_never_renewed_is_not_fenced() {
+        let (liveness, clock) = manual(Duration::from_millis(30));
+        clock.advance(Duration::from_secs(3600));
         assert!(liveness.writable(), "no heartbeat yet: not fenced");
+    }
+
+    #[test]
+    fn writes_stop_at_the_fence_and_resume_on_renewal() {
+        let (liveness, clock) = manual(Duration::from_millis(30));
+        liveness.renewed();
+        clock.advance(Duration::from_millis(29));
+        assert!(liveness.writable(), "just inside the fence");
+        assert_eq!(liveness.silence(), Duration::from_millis(29));
+        clock.advance(Duration::from_millis(1));
+        assert!(!liveness.writable(), "silent for the whole fence");
         liveness.renewed();
         assert!(liveness.writable());
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(!liveness.writable());
+        assert_eq!(liveness.silence(), Duration::ZERO);
+    }
+
+    #[test]
+    fn clones_share_the_renewals_and_the_clock() {
+        let (liveness, clock) = manual(Duration::from_millis(30));
+        let workspace_side = liveness.clone();
+        liveness.renewed();
+        clock.clone().advance(Duration::from_millis(40));
+        assert!(!workspace_side.writable());
+        liveness.renewed();
+        assert!(workspace_side.writable());
+    }
+
+    #[test]
+    fn the_system_clock_starts_unfenced() {
+        let liveness = Liveness::new(Duration::from_secs(60));
         liveness.renewed();
         assert!(liveness.writable());
     }
