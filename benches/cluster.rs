@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use branchd::client::Client;
 use branchd::protocol::{Op, Reply};
-use sqlx::Connection;
 
 mod common;
 

@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use branchd::storage::{self, NewSnapshot, NewUser, Store, WorkspaceKey, WsSession};
-use sqlx::Connection;
 
 mod common;
 use common::{Report, Stats, timed};
