@@ -265,7 +265,14 @@ impl Client {
 fn read_welcome(bytes: &[u8]) -> Result<Welcome, ClientError> {
     match rmp_serde::from_slice::<Event>(bytes) {
         Ok(Event::Welcome(welcome)) => Ok(welcome),
-        Ok(Event::Error { code, message }) => Err(ClientError::Op(OpError::new(code, message))),
+        Ok(Event::Error {
+            code,
+            message,
+            retry_after_ms,
+        }) => Err(ClientError::Op(OpError {
+            retry_after_ms,
+            ..OpError::new(code, message)
+        })),
         Ok(other) => Err(ClientError::Protocol(format!(
             "expected welcome first, got {other:?}"
         ))),

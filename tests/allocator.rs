@@ -312,7 +312,7 @@ async fn the_restart_limit_marks_the_key_failed_until_an_operator_resets_it(db: 
         .cast(WorkspaceMsg::Panic)
         .expect("second crash");
     match next_event(&mut events).await {
-        Event::Error { code, message } => {
+        Event::Error { code, message, .. } => {
             assert_eq!(code, ErrorCode::Unavailable);
             assert!(message.contains("too often"), "{message}");
         }

@@ -31,7 +31,12 @@ struct Node {
 
 impl Node {
     fn start(db: &TestDb, tag: &str, cookie: &str) -> Node {
-        let envs = vec![
+        Node::start_with(db, tag, cookie, &[])
+    }
+
+    /// Starts a node with some settings other than the tests' defaults.
+    fn start_with(db: &TestDb, tag: &str, cookie: &str, changed: &[(&str, &str)]) -> Node {
+        let mut envs = vec![
             ("BRANCHD_DATABASE_URL".to_string(), db.url.clone()),
             ("BRANCHD_SERVER_TAG".into(), tag.to_string()),
             ("BRANCHD_ADMIN_PASSWORD".into(), PASSWORD.into()),
@@ -48,6 +53,10 @@ impl Node {
                 std::env::var("CLUSTER_TEST_LOG").unwrap_or_else(|_| "error".into()),
             ),
         ];
+        for (name, value) in changed {
+            envs.retain(|(n, _)| n != name);
+            envs.push((name.to_string(), value.to_string()));
+        }
         let dir = tempfile::tempdir().expect("node dir");
         let mut node = Node {
             tag: tag.to_string(),
@@ -508,6 +517,112 @@ async fn killing_the_owner_moves_the_workspace_and_loses_no_acknowledged_write()
         reader.welcome().owner,
         recovered.as_millis()
     );
+}
+
+/// No client waits on a peer known to be gone. The peer timeout is a
+/// minute and the lease the default 5 s: the owner is frozen (its socket
+/// stays open, so only missed pings tell), and a request routed to it that
+/// was in flight ends once the pings are missed; every connect meanwhile is
+/// answered within seconds, `unavailable` with `retry_after_ms` until the
+/// lease runs out; a client honouring that hint is then served by a live
+/// node, with everything acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_owner_is_never_waited_for_and_is_replaced_at_its_lease() {
+    let Some(db) = postgres("a_lost_owner_is_never_waited_for_and_is_replaced_at_its_lease").await
+    else {
+        return;
+    };
+    const LEASE: Duration = Duration::from_secs(5);
+    const PEER_TIMEOUT: Duration = Duration::from_secs(60);
+    let changed = [("BRANCHD_LEASE", "5s"), ("BRANCHD_PEER_TIMEOUT", "60s")];
+    let nodes: Vec<Node> = ["lost-a", "lost-b", "lost-c"]
+        .iter()
+        .map(|tag| Node::start_with(&db, tag, COOKIE, &changed))
+        .collect();
+    let token = login(&reqwest::Client::new(), &nodes[0].base(), "admin", PASSWORD).await;
+    full_mesh(&nodes, &token).await;
+    let project = create_project(&reqwest::Client::new(), &nodes[1].base(), &token, "Lost").await;
+    let on_b = Client::connect(&nodes[1].base(), &token, project, "main")
+        .await
+        .expect("B activates the workspace");
+    assert_eq!(on_b.welcome().owner, "lost-b");
+    let routed = Client::connect(&nodes[0].base(), &token, project, "main")
+        .await
+        .expect("A routes to B");
+    assert_eq!(routed.welcome().owner, "lost-b");
+    routed
+        .request(write("acked.txt", b"acknowledged before the freeze"))
+        .await
+        .expect("a routed write");
+
+    nodes[1].served().signal(libc::SIGSTOP);
+    let frozen = Instant::now();
+    let in_flight = routed.request(Op::ReadFile {
+        path: "acked.txt".into(),
+    });
+    let ended = tokio::time::timeout(PEER_TIMEOUT / 2, in_flight).await;
+    let in_flight_ended = frozen.elapsed();
+    match ended {
+        Ok(Ok(reply)) => panic!("a frozen owner answered: {reply:?}"),
+        Ok(Err(_)) => {}
+        Err(_) => panic!("the routed request still waits after {in_flight_ended:?}"),
+    }
+
+    // Connect through A and C in turn until a live node serves the key.
+    let mut hinted = Vec::new();
+    let mut slowest = Duration::ZERO;
+    let served = loop {
+        assert!(
+            frozen.elapsed() < LEASE + PEER_TIMEOUT / 4,
+            "no node took over within {:?} of the freeze",
+            frozen.elapsed()
+        );
+        let base = &nodes[if hinted.len() % 2 == 0 { 0 } else { 2 }].base();
+        let asked = Instant::now();
+        let answer = Client::connect(base, &token, project, "main").await;
+        slowest = slowest.max(asked.elapsed());
+        match answer {
+            Ok(client) => break client,
+            Err(ClientError::Op(err)) => {
+                assert_eq!(err.code, ErrorCode::Unavailable, "{err:?}");
+                let wait = err
+                    .retry_after_ms
+                    .unwrap_or_else(|| panic!("no retry hint in {err:?}"));
+                assert!(
+                    wait <= LEASE.as_millis() as u64 + 100,
+                    "the hint {wait} ms is longer than the lease: {err:?}"
+                );
+                hinted.push(wait);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            Err(other) => panic!("connecting during the outage failed otherwise: {other:?}"),
+        }
+    };
+    let took_over = frozen.elapsed();
+    assert_ne!(served.welcome().owner, "lost-b");
+    assert!(
+        slowest < PEER_TIMEOUT / 6,
+        "a connect waited {slowest:?}, as if for the dead owner"
+    );
+    assert!(
+        !hinted.is_empty(),
+        "the first connects came before the lease ran out"
+    );
+    assert_eq!(
+        read(&served, "acked.txt").await.as_deref(),
+        Some(&b"acknowledged before the freeze"[..])
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "lost owner (lease {} ms, peer timeout {} s): in-flight request ended after {} ms, connects answered within {} ms, hints {hinted:?} ms, served by {} {} ms after the freeze",
+        LEASE.as_millis(),
+        PEER_TIMEOUT.as_secs(),
+        in_flight_ended.as_millis(),
+        slowest.as_millis(),
+        served.welcome().owner,
+        took_over.as_millis()
+    );
+    drop(on_b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

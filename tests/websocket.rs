@@ -483,7 +483,7 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
     let (server, admin, project) = server_with_project(TestDb::sqlite().await).await;
     let mut client = connect(&server, &admin, project, "main").await;
     let error_event = |event: Option<Event>| match event {
-        Some(Event::Error { code, message }) => (code, message),
+        Some(Event::Error { code, message, .. }) => (code, message),
         other => panic!("expected an error event, got {other:?}"),
     };
 
@@ -578,7 +578,7 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
         .await
         .expect("send");
     match next_error(&mut client).await {
-        Some(Event::Error { code, message }) => {
+        Some(Event::Error { code, message, .. }) => {
             assert_eq!(code, ErrorCode::TooLarge);
             assert!(message.contains("BRANCHD_MAX_FRAME"), "{message}");
         }

@@ -77,6 +77,10 @@ impl From<RegisterError> for OpError {
     fn from(err: RegisterError) -> Self {
         match err {
             RegisterError::Refused(err) => err,
+            RegisterError::Failed {
+                retry_in: Some(retry_in),
+                ..
+            } => OpError::unavailable_for(err.to_string(), retry_in),
             other => OpError::new(ErrorCode::Unavailable, other.to_string()),
         }
     }

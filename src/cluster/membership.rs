@@ -31,6 +31,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::links::Links;
 use super::router::router_of;
 use super::routes::{Inbound, Outbound};
 use super::wire::RouterMsg;
@@ -155,6 +156,7 @@ pub struct Membership {
     dials: HashMap<String, (Instant, Duration)>,
     notes_tx: mpsc::UnboundedSender<Note>,
     view: PeerTable,
+    links: Links,
     ping_counter: u64,
     /// Tracks the dials and pings (each bounded by its own timeout).
     tasks: Shutdown,
@@ -171,6 +173,7 @@ impl Membership {
         outbound: Outbound,
         inbound: Inbound,
         view: PeerTable,
+        links: Links,
         tasks: Shutdown,
     ) -> (Membership, mpsc::UnboundedReceiver<Note>) {
         let (notes_tx, notes) = mpsc::unbounded_channel();
@@ -189,6 +192,7 @@ impl Membership {
             dials: HashMap::new(),
             notes_tx,
             view,
+            links,
             ping_counter: 0,
             tasks,
         };
@@ -234,6 +238,9 @@ impl Membership {
                 session.name = name.clone();
                 let addr = session.addr.clone();
                 self.dials.remove(&addr);
+                if let Some(name) = &name {
+                    self.links.up(name);
+                }
                 tracing::info!(peer = name.as_deref().unwrap_or("?"), %addr, "peer joined");
             }
             Note::Disconnected(ses) => {
@@ -276,6 +283,7 @@ impl Membership {
 
     /// A peer is gone: cut what depended on it.
     fn lost(&self, name: &str) {
+        self.links.lost(name);
         let cut = self.outbound.drop_owner(name);
         let detached = self.inbound.take_node(name);
         for (session, key) in &detached {

@@ -144,15 +144,13 @@ fn too_big(err: &axum::Error) -> bool {
 }
 
 /// Writes an `error` event and a close frame, best effort.
-async fn close_with(sink: &mut Sink, code: ErrorCode, close: u16, reason: &str) {
-    let event = binary(codec::encode(&Event::Error {
-        code,
-        message: reason.to_string(),
-    }));
+async fn close_with(sink: &mut Sink, err: OpError, close: u16) {
+    let reason: String = err.message.chars().take(120).collect();
+    let event = binary(codec::encode(&Event::from(err)));
     if write(sink, event).await {
         let frame = CloseFrame {
             code: close,
-            reason: reason.chars().take(120).collect::<String>().into(),
+            reason: reason.into(),
         };
         let _ = write(sink, Message::Close(Some(frame))).await;
     }
@@ -171,7 +169,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
         Err(err) => {
             let err = OpError::from(err); // the edge: what the client is told
             tracing::info!(workspace = %key, error = %err.message, "connection refused by the workspace");
-            close_with(&mut sink, err.code, 1011, &err.message).await;
+            close_with(&mut sink, err, 1011).await;
             return;
         }
     };
@@ -222,7 +220,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                             "a frame was larger than twice BRANCHD_MAX_FRAME ({} bytes); send less",
                             state.config.max_frame.saturating_mul(2)
                         );
-                        close_with(&mut sink, ErrorCode::TooLarge, 1009, &reason).await;
+                        close_with(&mut sink, OpError::too_large(reason), 1009).await;
                     }
                     break;
                 }
@@ -230,11 +228,10 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                 Some(Ok(Message::Pong(_))) => keepalive.pong(),
                 Some(Ok(Message::Ping(_))) => {} // answered by the WebSocket layer
                 Some(Ok(Message::Binary(bytes))) => connection.frame(&bytes),
-                Some(Ok(_)) => connection.event(Event::Error {
-                    code: ErrorCode::BadRequest,
-                    message: "text frames are not part of the protocol: send binary MessagePack frames"
-                        .into(),
-                }),
+                Some(Ok(_)) => connection.event(Event::error(
+                    ErrorCode::BadRequest,
+                    "text frames are not part of the protocol: send binary MessagePack frames",
+                )),
             },
             Some(item) = outgoing.recv() => {
                 if !write_queued(&mut sink, item, &mut outgoing).await {
@@ -257,7 +254,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                 None => {
                     // The workspace dropped this session: it failed, was
                     // killed, or could not hand it events fast enough.
-                    close_with(&mut sink, ErrorCode::Unavailable, 1008, "the workspace closed this session; reconnect").await;
+                    close_with(&mut sink, OpError::new(ErrorCode::Unavailable, "the workspace closed this session; reconnect"), 1008).await;
                     break;
                 }
             },
@@ -270,7 +267,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                 Ping::GiveUp => {
                     let reason = format!("no answer to {MISSED_PONGS} pings; reconnect");
                     tracing::info!(%reason, "closing the connection");
-                    close_with(&mut sink, ErrorCode::Unavailable, 1008, &reason).await;
+                    close_with(&mut sink, OpError::new(ErrorCode::Unavailable, reason), 1008).await;
                     break;
                 }
             },
@@ -338,10 +335,7 @@ impl Connection {
             Some(id) => {
                 let _ = self.outbox.send(Outgoing::Reply(id, Err(err)));
             }
-            None => self.event(Event::Error {
-                code: err.code,
-                message: err.message,
-            }),
+            None => self.event(Event::from(err)),
         }
     }
 

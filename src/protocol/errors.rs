@@ -91,6 +91,10 @@ pub struct OpError {
     /// For `locked`: who holds the lock and until when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lock: Option<Box<LockInfo>>,
+    /// For `unavailable` when the server knows when trying again makes
+    /// sense (a lost node's lease runs out then): wait this long first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl OpError {
@@ -100,6 +104,15 @@ impl OpError {
             message: message.into(),
             current_version: None,
             lock: None,
+            retry_after_ms: None,
+        }
+    }
+
+    /// `unavailable`, with when to try again.
+    pub fn unavailable_for(message: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        OpError {
+            retry_after_ms: Some(retry_after.as_millis().try_into().unwrap_or(u64::MAX)),
+            ..Self::new(ErrorCode::Unavailable, message)
         }
     }
 

@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{
-    CompileOutput, CompileStats, Diagnostic, Doer, EntryKind, ErrorCode, LockInfo, Role, SessionId,
+    CompileOutput, CompileStats, Diagnostic, Doer, EntryKind, ErrorCode, LockInfo, OpError, Role,
+    SessionId,
 };
 
 /// The first frame on every connection: `{event: "welcome", ...}`.
@@ -109,10 +110,23 @@ pub enum Event {
     Error {
         code: ErrorCode,
         message: String,
+        /// With `unavailable` on connect: how long to wait before trying
+        /// again, when the server knows (see [`OpError::retry_after_ms`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after_ms: Option<u64>,
     },
 }
 
 impl Event {
+    /// An `error` event with no retry hint.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Event {
+        Event::Error {
+            code,
+            message: message.into(),
+            retry_after_ms: None,
+        }
+    }
+
     /// `lock_changed` for a lock's new state (`None`: unlocked).
     pub fn lock_changed(lock: Option<&LockInfo>, by: Option<Doer>) -> Event {
         Event::LockChanged {
@@ -120,6 +134,17 @@ impl Event {
             user: lock.map(|l| l.user.clone()),
             expires_at: lock.map(|l| l.expires_at),
             by,
+        }
+    }
+}
+
+/// An error not tied to a request, told as an event.
+impl From<OpError> for Event {
+    fn from(err: OpError) -> Event {
+        Event::Error {
+            code: err.code,
+            message: err.message,
+            retry_after_ms: err.retry_after_ms,
         }
     }
 }

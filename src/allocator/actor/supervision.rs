@@ -23,10 +23,10 @@ impl AllocatorState {
             return;
         };
         tracing::error!(workspace = %key, %reason, "workspace marked failed");
-        entry.tell(&Event::Error {
-            code: ErrorCode::Unavailable,
-            message: format!("workspace {key} failed and is stopped: {reason}"),
-        });
+        entry.tell(&Event::error(
+            ErrorCode::Unavailable,
+            format!("workspace {key} failed and is stopped: {reason}"),
+        ));
         entry.sessions.clear();
         for waiter in entry.waiters.drain(..) {
             let _ = waiter.send(Err(RegisterError::Failed {
