@@ -352,7 +352,49 @@ async fn the_restart_limit_marks_the_key_failed_until_an_operator_resets_it(db: 
             .is_some_and(|f| f.contains("crashed too often"))
     );
 
+    // Failed for the cluster, not only here: another node refuses it too,
+    // so a crash-looping workspace cannot move from node to node.
+    eventually("the failure is recorded for the cluster", || async {
+        matches!(setup.store.failure_of(&setup.key).await, Ok(Some(_)))
+    })
+    .await;
+    let other = Allocator::start(
+        setup.store.clone(),
+        WorkspaceSettings::from_config(&setup.config),
+        settings(&setup, "node-b"),
+        &Shutdown::new(),
+    )
+    .await
+    .expect("node-b starts");
+    let (sink, _r) = mpsc::channel(8);
+    match other
+        .register(session("cy", Role::Editor), &setup.key, sink.clone())
+        .await
+    {
+        Err(RegisterError::Failed {
+            reason,
+            retry_in: Some(_),
+            ..
+        }) => assert!(reason.contains("on node node-a"), "{reason}"),
+        Err(other) => panic!("node-b should refuse a key failed on node-a, got {other:?}"),
+        Ok(_) => panic!("node-b activated a key failed on node-a"),
+    }
+
+    // The reset clears it for the cluster (and here).
     assert!(allocator.reset(&setup.key).await.expect("reset"));
+    assert_eq!(
+        setup.store.failure_of(&setup.key).await.expect("read"),
+        None
+    );
+    match other
+        .register(session("cy", Role::Editor), &setup.key, sink)
+        .await
+    {
+        // No longer failed: node-b would activate it but for node-a's claim.
+        Err(RegisterError::HeldBy { owner, .. }) => assert_eq!(owner, "node-a"),
+        Err(other) => panic!("after the reset node-b should find node-a's claim, got {other:?}"),
+        Ok(_) => panic!("node-b activated a key node-a still claims"),
+    }
     let (after, _e) = register(&allocator, &setup.key, "bob").await;
     write(&after, "bob", "works.txt", b"again").await;
     assert!(!allocator.reset(&setup.key).await.expect("nothing to reset"));

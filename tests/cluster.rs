@@ -713,6 +713,79 @@ async fn a_frozen_owner_is_replaced_and_its_writes_are_refused_when_it_wakes() {
     );
 }
 
+/// A workspace failed on one node is failed on every node: connecting
+/// anywhere is refused with how long it lasts, the cluster view lists it,
+/// and a reset through any node clears it for all. The failure is written
+/// as a node that crashed it too often writes it (then died, so no live
+/// node holds it in memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_workspace_is_refused_by_every_node_until_one_resets_it() {
+    let Some(db) =
+        postgres("a_failed_workspace_is_refused_by_every_node_until_one_resets_it").await
+    else {
+        return;
+    };
+    let (nodes, token) = cluster(&db, &["failed-a", "failed-b"]).await;
+    full_mesh(&nodes, &token).await;
+    let project = create_project(&reqwest::Client::new(), &nodes[0].base(), &token, "Failed").await;
+    let store = db.open().await;
+    let key = branchd::storage::WorkspaceKey::new(project, "main");
+    store
+        .mark_failed(&key, "it crashed too often", "failed-x", 60_000)
+        .await
+        .expect("mark failed");
+
+    for node in &nodes {
+        match Client::connect(&node.base(), &token, project, "main").await {
+            Err(ClientError::Op(err)) => {
+                assert_eq!(err.code, ErrorCode::Unavailable, "{err:?}");
+                assert!(
+                    err.message.contains("failed repeatedly") && err.message.contains("failed-x"),
+                    "{err:?}"
+                );
+                let wait = err.retry_after_ms.unwrap_or_default();
+                assert!(wait > 0 && wait <= 60_000, "{err:?}");
+            }
+            Err(other) => panic!("{} refused otherwise: {other:?}", node.tag),
+            Ok(client) => panic!(
+                "{} opened a failed workspace (owner {})",
+                node.tag,
+                client.welcome().owner
+            ),
+        }
+    }
+    let seen = view(&nodes[1], &token).await;
+    assert_eq!(seen["failed"][0]["server_tag"], "failed-x", "{seen}");
+    assert_eq!(
+        seen["failed"][0]["reason"], "it crashed too often",
+        "{seen}"
+    );
+
+    let reset: Value = reqwest::Client::new()
+        .post(format!("{}/ops/api/workspaces/reset", nodes[1].base()))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"project": project, "branch": "main"}))
+        .send()
+        .await
+        .expect("reset")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        reset,
+        serde_json::json!({"reset": true, "nodes": [], "unreached": []})
+    );
+    let client = Client::connect(&nodes[0].base(), &token, project, "main")
+        .await
+        .expect("served again after the reset");
+    assert_eq!(client.welcome().owner, "failed-a");
+    assert!(
+        view(&nodes[0], &token).await["failed"]
+            .as_array()
+            .is_some_and(|f| f.is_empty())
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_the_wrong_cookie_never_joins() {
     let Some(db) = postgres("a_node_with_the_wrong_cookie_never_joins").await else {

@@ -497,7 +497,10 @@ mod ops {
                 json!({"project": key.project_id, "branch": "main"}),
             )
             .await;
-        assert_eq!((status, reset), (200, json!({"reset": false})));
+        assert_eq!(
+            (status, reset),
+            (200, json!({"reset": false, "nodes": [], "unreached": []}))
+        );
         server.stop().await;
     }
 

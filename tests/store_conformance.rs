@@ -25,6 +25,7 @@ on_both_backends!(
     a_snapshot_trims_the_journal_entries_it_covers,
     a_claim_is_held_while_the_owner_heartbeats_and_taken_over_after_its_lease,
     released_claims_keep_their_epoch_so_epochs_never_repeat,
+    a_failure_holds_for_every_node_until_its_window_ends_or_it_is_cleared,
     a_stale_fence_cannot_append_to_the_journal_or_store_a_snapshot,
     concurrent_claims_of_one_key_leave_exactly_one_owner,
     session_rows_are_recorded_once_and_removed_once,
@@ -563,6 +564,49 @@ async fn released_claims_keep_their_epoch_so_epochs_never_repeat(db: TestDb) {
     assert_eq!((released.server_tag, released.epoch), (None, claim.epoch));
     let next = owned(store.claim(&key, "a", 5_000).await.expect("reclaim"));
     assert_eq!(next.epoch, claim.epoch + 1);
+}
+
+async fn a_failure_holds_for_every_node_until_its_window_ends_or_it_is_cleared(db: TestDb) {
+    let store = db.open().await;
+    let (_, key) = project(store.as_ref()).await;
+    assert_eq!(store.failure_of(&key).await.expect("read"), None);
+    store
+        .mark_failed(&key, "it crashed too often", "node-a", 60_000)
+        .await
+        .expect("mark");
+    let failure = store.failure_of(&key).await.expect("read").expect("failed");
+    assert_eq!(
+        (failure.reason.as_str(), failure.server_tag.as_str()),
+        ("it crashed too often", "node-a")
+    );
+    assert!(
+        failure.left_ms > 0 && failure.left_ms <= 60_000,
+        "{failure:?}"
+    );
+    assert_eq!(failure.until_at - failure.failed_at, 60_000);
+    assert_eq!(store.failures().await.expect("list"), vec![failure.clone()]);
+
+    // Failing again (another node, later) replaces the row.
+    store
+        .mark_failed(&key, "restarting failed", "node-b", 30_000)
+        .await
+        .expect("mark again");
+    let again = store.failure_of(&key).await.expect("read").expect("failed");
+    assert_eq!(again.server_tag, "node-b");
+    assert!(again.left_ms <= 30_000, "{again:?}");
+
+    assert!(store.clear_failure(&key).await.expect("clear"));
+    assert!(!store.clear_failure(&key).await.expect("nothing left"));
+    assert_eq!(store.failure_of(&key).await.expect("read"), None);
+
+    // A window that has ended means nothing, and clearing it is no reset.
+    store
+        .mark_failed(&key, "long ago", "node-a", -1)
+        .await
+        .expect("mark expired");
+    assert_eq!(store.failure_of(&key).await.expect("read"), None);
+    assert!(store.failures().await.expect("list").is_empty());
+    assert!(!store.clear_failure(&key).await.expect("expired"));
 }
 
 async fn a_stale_fence_cannot_append_to_the_journal_or_store_a_snapshot(db: TestDb) {

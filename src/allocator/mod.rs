@@ -390,8 +390,18 @@ impl Allocator {
         .await?
     }
 
-    /// Clears a failed key so that it can be registered again.
+    /// Clears a failed key, for the cluster (its database row) and on this
+    /// node, so that it can be registered again. Whether it was failed in
+    /// either place. Other nodes that hold it failed in memory are told by
+    /// the cluster (`Cluster::reset`).
     pub async fn reset(&self, key: &WorkspaceKey) -> Result<bool, OpError> {
+        let cleared = self.store.clear_failure(key).await?;
+        let here = self.reset_here(key).await?;
+        Ok(cleared || here)
+    }
+
+    /// Clears a key failed in this node's memory only.
+    pub async fn reset_here(&self, key: &WorkspaceKey) -> Result<bool, OpError> {
         Ok(self
             .ask(|reply| AllocatorMsg::Reset {
                 key: key.clone(),

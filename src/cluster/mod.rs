@@ -39,15 +39,30 @@ use serde::Serialize;
 
 use crate::allocator::Allocator;
 use crate::config::Config;
+use crate::protocol::OpError;
 use crate::shutdown::{Shutdown, Worker};
-use crate::storage::{Backend, Store, StoreError, WorkspaceKey};
+use crate::storage::{Backend, Failure, Store, StoreError, WorkspaceKey};
 pub use attach::{AttachError, Attachment, TAKEOVER_WAIT};
-use links::Links;
+use links::{LinkState, Links};
 use membership::{Membership, MembershipSettings, PeerTable, PeerView};
 pub use route::Route;
 use router::{RouterActor, RouterState};
 use routes::{Inbound, Outbound};
 use wire::RouterMsg;
+
+/// How long a reset waits for each peer's answer.
+const RESET_WAIT: Duration = Duration::from_secs(2);
+
+/// What an operator's reset did, cluster-wide.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResetReport {
+    /// Whether the workspace was failed anywhere (the database, or a node's memory).
+    pub reset: bool,
+    /// The nodes that held it failed in memory and forgot it.
+    pub nodes: Vec<String>,
+    /// Live nodes that could not be told (no link, or no answer in time).
+    pub unreached: Vec<String>,
+}
 
 /// How long leaving the cluster waits for a membership round in flight and
 /// for the node server to stop.
@@ -92,6 +107,9 @@ pub struct ClusterView {
     pub peers: Vec<PeerView>,
     /// Sockets here whose workspace is served elsewhere, per workspace.
     pub routed_out: Vec<RoutedOut>,
+    /// Workspaces failed for the whole cluster (after repeated crashes),
+    /// until their window ends or an operator resets them.
+    pub failed: Vec<Failure>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -184,6 +202,7 @@ impl Cluster {
         let nodes = self.0.store.nodes_with_age().await?;
         let claims = self.0.store.owned_claims().await?;
         let peers = self.0.peers.snapshot();
+        let failed = self.0.store.failures().await?;
         let remote_here = self.0.inbound.counts();
         let nodes = nodes
             .into_iter()
@@ -226,7 +245,54 @@ impl Cluster {
                     sessions,
                 })
                 .collect(),
+            failed,
         })
+    }
+
+    /// An operator's reset of a failed workspace, for the whole cluster: its
+    /// database row goes, this node forgets it, and so does every node this
+    /// one has a link to. Says where it was failed and which live nodes
+    /// could not be told (they forget it when its window ends).
+    pub async fn reset(&self, key: &WorkspaceKey) -> Result<ResetReport, OpError> {
+        let cleared = self.0.store.clear_failure(key).await?;
+        let mut report = ResetReport {
+            reset: cleared,
+            nodes: Vec::new(),
+            unreached: Vec::new(),
+        };
+        if self.0.allocator.reset_here(key).await? {
+            report.nodes.push(self.0.server_tag.clone());
+        }
+        if self.0.node.is_some() {
+            let lease_ms = self.0.lease.as_millis() as i64;
+            for peer in self.0.store.live_nodes(lease_ms).await? {
+                let tag = peer.server_tag;
+                if tag == self.0.server_tag {
+                    continue;
+                }
+                let told = match (self.0.links.state(&tag), router::router_of(&tag)) {
+                    (LinkState::Up(_), Some(router)) => router
+                        .call(
+                            |reply| RouterMsg::Reset(wire::encode(key), reply),
+                            Some(RESET_WAIT),
+                        )
+                        .await
+                        .ok()
+                        .and_then(|answer| match answer {
+                            ractor::rpc::CallResult::Success(reset) => Some(reset),
+                            _ => None,
+                        }),
+                    _ => None,
+                };
+                match told {
+                    Some(true) => report.nodes.push(tag),
+                    Some(false) => {}
+                    None => report.unreached.push(tag),
+                }
+            }
+        }
+        report.reset |= !report.nodes.is_empty();
+        Ok(report)
     }
 
     /// Leaves the cluster (after the allocator drained): peers see the

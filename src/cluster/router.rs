@@ -90,6 +90,16 @@ impl Actor for RouterActor {
             RouterMsg::Ping(n, reply) => {
                 let _ = reply.send(n);
             }
+            RouterMsg::Reset(bytes, reply) => match wire::decode::<WorkspaceKey>(&bytes, "reset") {
+                Ok(key) => {
+                    let allocator = state.allocator.clone();
+                    state.tasks.spawn(async move {
+                        let reset = allocator.reset_here(&key).await.unwrap_or(false);
+                        let _ = reply.send(reset);
+                    });
+                }
+                Err(err) => tracing::warn!(error = %err.message, "dropping an unreadable reset"),
+            },
         }
         Ok(())
     }

@@ -50,6 +50,12 @@ pub enum RouterMsg {
     /// Liveness: answers the number it was given.
     #[rpc]
     Ping(u64, RpcReplyPort<u64>),
+    /// An operator reset a failed workspace ([`WorkspaceKey`]): forget it
+    /// here too; answers whether it was failed on this node. Added after
+    /// the first release: a node that does not know it drops it, and the
+    /// caller reports that node as not reached.
+    #[rpc]
+    Reset(Vec<u8>, RpcReplyPort<bool>),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

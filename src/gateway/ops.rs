@@ -13,7 +13,7 @@ use super::access::Admin;
 use super::error::ApiError;
 use super::{ApiJson, AppState};
 use crate::allocator::{AllocatorStats, WorkspaceStatus};
-use crate::cluster::ClusterView;
+use crate::cluster::{ClusterView, ResetReport};
 use crate::storage::WorkspaceKey;
 
 /// The operator routes, to be nested at `/ops/api`. The admin check is a
@@ -51,23 +51,17 @@ pub struct ResetRequest {
     branch: String,
 }
 
-#[derive(serde::Serialize)]
-pub struct ResetResponse {
-    /// False if the workspace was not marked failed (nothing to reset).
-    reset: bool,
-}
-
 /// Clears a workspace marked failed after repeated crashes, so that
 /// clients can open it again.
 pub async fn reset_workspace(
     State(state): State<AppState>,
     Admin(caller): Admin,
     ApiJson(request): ApiJson<ResetRequest>,
-) -> Result<Json<ResetResponse>, ApiError> {
+) -> Result<Json<ResetReport>, ApiError> {
     let key = WorkspaceKey::new(request.project, request.branch);
-    let reset = state.allocator.reset(&key).await?;
-    tracing::info!(workspace = %key, reset, by = %caller.user.username, "workspace reset requested");
-    Ok(Json(ResetResponse { reset }))
+    let report = state.cluster.reset(&key).await?;
+    tracing::info!(workspace = %key, reset = report.reset, nodes = ?report.nodes, unreached = ?report.unreached, by = %caller.user.username, "workspace reset requested");
+    Ok(Json(report))
 }
 
 /// The cluster as this node sees it: every node row with its heartbeat age

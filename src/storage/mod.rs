@@ -272,6 +272,19 @@ impl Claim {
     }
 }
 
+/// A workspace failed for the whole cluster (`failed_workspaces`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Failure {
+    pub key: WorkspaceKey,
+    pub reason: String,
+    /// The node where it failed.
+    pub server_tag: String,
+    pub failed_at: i64,
+    pub until_at: i64,
+    /// How long it stays failed, in ms (database clock).
+    pub left_ms: i64,
+}
+
 /// What a claim attempt found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {
@@ -413,6 +426,23 @@ pub trait Store: Send + Sync + 'static {
     /// Gives up ownership (the row stays, so epochs never repeat). `false` if
     /// the fence was no longer current.
     async fn release_claim(&self, key: &WorkspaceKey, fence: &Fence) -> StoreResult<bool>;
+
+    // ---- failed workspaces
+    /// Marks a key failed for every node, for `for_ms` from now (database
+    /// clock), with its reason and the node where it failed.
+    async fn mark_failed(
+        &self,
+        key: &WorkspaceKey,
+        reason: &str,
+        server_tag: &str,
+        for_ms: i64,
+    ) -> StoreResult<()>;
+    /// The key's failure, if it is still in force.
+    async fn failure_of(&self, key: &WorkspaceKey) -> StoreResult<Option<Failure>>;
+    /// Every failure still in force.
+    async fn failures(&self) -> StoreResult<Vec<Failure>>;
+    /// Clears a key's failure (an operator's reset); whether one was in force.
+    async fn clear_failure(&self, key: &WorkspaceKey) -> StoreResult<bool>;
 
     // ---- websocket session rows
     /// Records a session (one statement); `Conflict` if its id is taken.

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use branchd::storage::{
-    AuthSession, Backend, Claim, ClaimOutcome, Fence, JournalEntry, Member, NewSnapshot, NewUser,
-    NodeRow, Project, Role, Snapshot, SnapshotMeta, Store, StoreResult, User, WipeReport,
+    AuthSession, Backend, Claim, ClaimOutcome, Failure, Fence, JournalEntry, Member, NewSnapshot,
+    NewUser, NodeRow, Project, Role, Snapshot, SnapshotMeta, Store, StoreResult, User, WipeReport,
     WorkspaceKey, WsSession,
 };
 use tokio::sync::watch;
@@ -198,6 +198,17 @@ delegate_the_rest! {
     async fn claim_of(&self, key: &WorkspaceKey) -> StoreResult<Option<Claim>>;
     async fn claims_of_node(&self, server_tag: &str) -> StoreResult<Vec<Claim>>;
     async fn release_claim(&self, key: &WorkspaceKey, fence: &Fence) -> StoreResult<bool>;
+
+    async fn mark_failed(
+        &self,
+        key: &WorkspaceKey,
+        reason: &str,
+        server_tag: &str,
+        for_ms: i64,
+    ) -> StoreResult<()>;
+    async fn failure_of(&self, key: &WorkspaceKey) -> StoreResult<Option<Failure>>;
+    async fn failures(&self) -> StoreResult<Vec<Failure>>;
+    async fn clear_failure(&self, key: &WorkspaceKey) -> StoreResult<bool>;
 
     async fn attach_session(&self, session: &WsSession) -> StoreResult<()>;
     async fn detach_session(&self, id: &str) -> StoreResult<Option<WorkspaceKey>>;

@@ -6,7 +6,7 @@
 //! the spawned task, which reports back with [`AllocatorMsg::Activated`].
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ractor::{ActorCell, ActorRef, RpcReplyPort};
 
@@ -18,6 +18,8 @@ use crate::storage::{ClaimOutcome, Fence, Store, WorkspaceKey};
 use crate::workspace::{EventSink, SessionInfo, Workspace, WorkspaceArgs, WorkspaceSettings};
 
 /// Claims the key (unless a fence is already held) and starts its actor.
+/// A key failed on any node (see `failed_workspaces`) is refused before it
+/// is claimed.
 async fn activation(
     store: Arc<dyn Store>,
     settings: Arc<AllocatorSettings>,
@@ -29,6 +31,13 @@ async fn activation(
     let fence = match fence {
         Some(fence) => fence,
         None => {
+            if let Some(failure) = store.failure_of(&key).await.map_err(OpError::from)? {
+                return Err(RegisterError::Failed {
+                    key,
+                    reason: format!("{} on node {}", failure.reason, failure.server_tag),
+                    retry_in: Some(Duration::from_millis(failure.left_ms.max(0) as u64)),
+                });
+            }
             let lease_ms = settings.lease.as_millis() as i64;
             let claimed = store
                 .claim(&key, &settings.server_tag, lease_ms)

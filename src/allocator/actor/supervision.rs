@@ -3,6 +3,10 @@
 //! [`RestartPolicy`](crate::allocator::RestartPolicy) admits it, and a
 //! failed key (its sessions told and dropped) once it does not.
 //!
+//! A failed key is recorded in the database too (`Store::mark_failed`), so
+//! that no other node activates it until the window ends or an operator
+//! resets it: a crash-looping workspace must not move from node to node.
+//!
 //! It must never let a child's end take the allocator down, and never
 //! release a failed key's claim from here (see [`AllocatorState::fail`]).
 
@@ -38,6 +42,18 @@ impl AllocatorState {
         // The claim stays with this node (released by a drain, or reused
         // when the key is reset): releasing it from a task here could land
         // after a reset had claimed the key again.
+        let for_ms = until.saturating_duration_since(Instant::now()).as_millis() as i64;
+        let (store, tag, failed, why) = (
+            self.store.clone(),
+            self.settings.server_tag.clone(),
+            key.clone(),
+            reason.clone(),
+        );
+        self.work.spawn(async move {
+            if let Err(err) = store.mark_failed(&failed, &why, &tag, for_ms).await {
+                tracing::warn!(workspace = %failed, error = %err, "recording the failure for the cluster failed; other nodes may still activate it");
+            }
+        });
         entry.phase = Phase::Failed { reason, until };
         publish(&self.registry, key, None);
     }

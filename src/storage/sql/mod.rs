@@ -9,7 +9,7 @@
 //! One file per group of tables, each holding the statements of its tables
 //! as functions over the [`SqlStore`]: [`users`] (users and login tokens),
 //! [`projects`] (projects and members), [`snapshots`], [`claims`] (ownership
-//! and fencing), [`sessions`] (WebSocket session rows), [`nodes`] (cluster
+//! and fencing), [`failures`] (workspaces failed cluster-wide), [`sessions`] (WebSocket session rows), [`nodes`] (cluster
 //! membership) and [`journal`] (the group committer and replay reads). This
 //! file holds the connection pool and the [`Store`] impl, one dispatch line
 //! per method.
@@ -18,6 +18,7 @@
 //! fragments and `$N` parameters.
 
 mod claims;
+mod failures;
 mod journal;
 mod nodes;
 mod projects;
@@ -296,6 +297,28 @@ impl Store for SqlStore {
 
     async fn release_claim(&self, key: &WorkspaceKey, fence: &Fence) -> StoreResult<bool> {
         claims::release_claim(self, key, fence).await
+    }
+
+    async fn mark_failed(
+        &self,
+        key: &WorkspaceKey,
+        reason: &str,
+        server_tag: &str,
+        for_ms: i64,
+    ) -> StoreResult<()> {
+        failures::mark_failed(self, key, reason, server_tag, for_ms).await
+    }
+
+    async fn failure_of(&self, key: &WorkspaceKey) -> StoreResult<Option<Failure>> {
+        failures::failure_of(self, key).await
+    }
+
+    async fn failures(&self) -> StoreResult<Vec<Failure>> {
+        failures::failures(self).await
+    }
+
+    async fn clear_failure(&self, key: &WorkspaceKey) -> StoreResult<bool> {
+        failures::clear_failure(self, key).await
     }
 
     async fn attach_session(&self, session: &WsSession) -> StoreResult<()> {
