@@ -200,6 +200,21 @@ pub struct Config {
     #[arg(long, env = "BRANCHD_CLUSTER_DNS")]
     pub cluster_dns: Option<String>,
 
+    /// This node's certificate chain (PEM) for mutual TLS on node links.
+    /// With `BRANCHD_CLUSTER_TLS_KEY` and `BRANCHD_CLUSTER_TLS_CA`: every
+    /// node link is TLS, and a peer must present a certificate signed by
+    /// that CA (the cookie is checked too). All three or none.
+    #[arg(long, env = "BRANCHD_CLUSTER_TLS_CERT")]
+    pub cluster_tls_cert: Option<PathBuf>,
+
+    /// This node's private key (PEM) for mutual TLS on node links.
+    #[arg(long, env = "BRANCHD_CLUSTER_TLS_KEY")]
+    pub cluster_tls_key: Option<PathBuf>,
+
+    /// The CA certificate(s) (PEM) that peers' certificates must chain to.
+    #[arg(long, env = "BRANCHD_CLUSTER_TLS_CA")]
+    pub cluster_tls_ca: Option<PathBuf>,
+
     /// How often membership is checked: peers in the database are connected,
     /// pinged, and dropped when stale.
     #[arg(long, env = "BRANCHD_MEMBERSHIP_INTERVAL", default_value = "1s", value_parser = parse_duration)]

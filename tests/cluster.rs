@@ -81,6 +81,14 @@ impl Node {
         self.served.as_ref().expect("the node runs").base.clone()
     }
 
+    fn cluster_port(&self) -> u16 {
+        self.envs
+            .iter()
+            .find(|(name, _)| name == "BRANCHD_CLUSTER_PORT")
+            .and_then(|(_, port)| port.parse().ok())
+            .expect("a cluster port")
+    }
+
     fn served(&self) -> &Served {
         self.served.as_ref().expect("the node runs")
     }
@@ -784,6 +792,150 @@ async fn a_failed_workspace_is_refused_by_every_node_until_one_resets_it() {
             .as_array()
             .is_some_and(|f| f.is_empty())
     );
+}
+
+/// A certificate authority made for one test, and node certificates it
+/// signs, written as PEM files the nodes read.
+struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate().expect("CA key");
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, key).expect("CA certificate");
+        let dir = tempfile::tempdir().expect("certificate dir");
+        std::fs::write(dir.path().join("ca.pem"), issuer.pem()).expect("write the CA");
+        TestCa { issuer, dir }
+    }
+
+    /// A certificate for `tag` signed by this CA, as the three settings.
+    fn node(&self, tag: &str) -> Vec<(String, String)> {
+        let mut params =
+            rcgen::CertificateParams::new(vec![format!("{tag}.branchd.test")]).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, tag);
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate().expect("node key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("node certificate");
+        let (cert_path, key_path) = (
+            self.dir.path().join(format!("{tag}.pem")),
+            self.dir.path().join(format!("{tag}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).expect("write the certificate");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write the key");
+        let path = |p: &std::path::Path| p.to_string_lossy().into_owned();
+        vec![
+            ("BRANCHD_CLUSTER_TLS_CERT".into(), path(&cert_path)),
+            ("BRANCHD_CLUSTER_TLS_KEY".into(), path(&key_path)),
+            (
+                "BRANCHD_CLUSTER_TLS_CA".into(),
+                path(&self.dir.path().join("ca.pem")),
+            ),
+        ]
+    }
+}
+
+fn tls_node(db: &TestDb, tag: &str, settings: &[(String, String)]) -> Node {
+    let settings: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    Node::start_with(db, tag, COOKIE, &settings)
+}
+
+/// With mutual TLS, nodes holding certificates of the cluster's CA form
+/// the mesh and route to each other; a connection that never finishes its
+/// handshake and one that sends garbage are refused without holding up
+/// anyone; a node with a certificate of another CA, and a node without TLS,
+/// never join, although they know the cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_the_cas_nodes_only() {
+    let Some(db) = postgres("mutual_tls_admits_the_cas_nodes_only").await else {
+        return;
+    };
+    let ca = TestCa::new("branchd test cluster CA");
+    let mut nodes = vec![
+        tls_node(&db, "tls-a", &ca.node("tls-a")),
+        tls_node(&db, "tls-b", &ca.node("tls-b")),
+    ];
+    let token = login(&reqwest::Client::new(), &nodes[0].base(), "admin", PASSWORD).await;
+    full_mesh(&nodes, &token).await;
+
+    // Sessions route over the TLS links.
+    let project = create_project(&reqwest::Client::new(), &nodes[0].base(), &token, "Tls").await;
+    let on_a = Client::connect(&nodes[0].base(), &token, project, "main")
+        .await
+        .expect("A serves");
+    let routed = Client::connect(&nodes[1].base(), &token, project, "main")
+        .await
+        .expect("B routes to A");
+    assert_eq!(routed.welcome().owner, "tls-a");
+    routed
+        .request(write("over-tls.txt", b"routed over TLS"))
+        .await
+        .expect("a routed write");
+    assert_eq!(
+        read(&on_a, "over-tls.txt").await.as_deref(),
+        Some(&b"routed over TLS"[..])
+    );
+
+    // A connection that never finishes its handshake, and one that sends
+    // garbage, on A's cluster port: refused, and nobody waits on them.
+    let port = nodes[0].cluster_port();
+    let _stalled = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("a silent connection");
+    let mut garbage = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("a garbage connection");
+    tokio::io::AsyncWriteExt::write_all(&mut garbage, b"GET / HTTP/1.1\r\n\r\nnot a TLS hello")
+        .await
+        .expect("send garbage");
+    nodes.push(tls_node(&db, "tls-c", &ca.node("tls-c")));
+    full_mesh(&nodes, &token).await;
+
+    // A certificate of another CA, and no TLS at all: never let in.
+    let other_ca = TestCa::new("a foreign CA");
+    let intruders = [
+        tls_node(&db, "tls-foreign", &other_ca.node("tls-foreign")),
+        Node::start(&db, "tls-plain", COOKIE),
+    ];
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for node in &nodes {
+        let peers = ready_peers(&view(node, &token).await);
+        assert!(
+            !peers.contains("tls-foreign") && !peers.contains("tls-plain"),
+            "{} let an intruder in: {peers:?}",
+            node.tag
+        );
+    }
+    for intruder in &intruders {
+        let peers = ready_peers(&view(intruder, &token).await);
+        assert!(peers.is_empty(), "{} joined {peers:?}", intruder.tag);
+    }
+    // The members still work together.
+    full_mesh(&nodes, &token).await;
+    routed
+        .request(write("still.txt", b"still routed"))
+        .await
+        .expect("routing still works");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

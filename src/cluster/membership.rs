@@ -59,6 +59,8 @@ pub struct MembershipSettings {
     pub dns: Option<String>,
     /// This node's own cluster address, never dialled.
     pub own_addr: String,
+    /// Mutual TLS for the links this node dials, when it is on.
+    pub tls: Option<super::tls::ClusterTls>,
 }
 
 /// One session with a peer, as the ops view shows it.
@@ -373,19 +375,22 @@ impl Membership {
                 addr.clone(),
                 (now + backoff, (backoff * 2).min(MAX_BACKOFF)),
             );
-            let server = self.server.clone();
+            let (server, tls) = (self.server.clone(), self.settings.tls.clone());
             self.tasks.spawn(async move {
-                match tokio::time::timeout(
-                    DIAL_TIMEOUT,
-                    ractor_cluster::client_connect(&server, addr.as_str()),
-                )
-                .await
-                {
+                let dial = async {
+                    match &tls {
+                        Some(tls) => tls.dial(&server, addr.as_str()).await,
+                        None => ractor_cluster::client_connect(&server, addr.as_str())
+                            .await
+                            .map_err(anyhow::Error::from),
+                    }
+                };
+                match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
                     Ok(Ok(())) => {
                         tracing::debug!(peer = tag.as_deref().unwrap_or("?"), %addr, "dialled a peer")
                     }
                     Ok(Err(err)) => {
-                        tracing::info!(peer = tag.as_deref().unwrap_or("?"), %addr, error = %err, "dialling a peer failed; retrying with backoff")
+                        tracing::info!(peer = tag.as_deref().unwrap_or("?"), %addr, error = format!("{err:#}"), "dialling a peer failed; retrying with backoff")
                     }
                     Err(_) => {
                         tracing::info!(peer = tag.as_deref().unwrap_or("?"), %addr, "dialling a peer timed out; retrying with backoff")

@@ -27,6 +27,7 @@ pub mod membership;
 pub mod route;
 pub mod router;
 pub mod routes;
+pub mod tls;
 pub mod wire;
 
 use std::sync::Arc;
@@ -73,6 +74,8 @@ struct Node {
     server: ActorRef<NodeServerMessage>,
     router: ActorRef<RouterMsg>,
     membership: Worker,
+    /// The TLS listener for node links, when mutual TLS is on.
+    tls_listener: Option<Worker>,
     cluster_addr: String,
 }
 
@@ -302,6 +305,9 @@ impl Cluster {
             if !node.membership.stop(LEAVE_WAIT).await {
                 tracing::warn!("a membership round was still running when the node left");
             }
+            if let Some(listener) = &node.tls_listener {
+                listener.stop(LEAVE_WAIT).await;
+            }
             node.router.stop(None);
             let _ = node
                 .server
@@ -324,28 +330,62 @@ async fn start_node(
     links: Links,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Node> {
+    let tls = load_tls(config)?;
     // Fail with a clear message if the port is taken (the listener would
     // only log it).
     let bind = std::net::SocketAddr::new(config.cluster_bind, config.cluster_port);
-    drop(
-        std::net::TcpListener::bind(bind)
-            .with_context(|| format!("binding the cluster port {bind} (BRANCHD_CLUSTER_PORT)"))?,
-    );
+    let listener = std::net::TcpListener::bind(bind)
+        .with_context(|| format!("binding the cluster port {bind} (BRANCHD_CLUSTER_PORT)"))?;
     let host = config.advertise_host();
     let cluster_addr = config.advertise_cluster();
+    // With TLS, node links come in through this node's own listener (see
+    // `tls`) and the node server listens on a loopback port only, with
+    // TLS required there too.
+    let (port, listen_on, encryption) = match &tls {
+        Some(tls) => (
+            0,
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            Some(ractor_cluster::IncomingEncryptionMode::Tls(tls.acceptor())),
+        ),
+        None => (config.cluster_port, config.cluster_bind, None),
+    };
     let node_server = NodeServer::new(
-        config.cluster_port,
+        port,
         cookie.to_string(),
         server_tag.to_string(),
         host.clone(),
-        None,
+        encryption,
         Some(ractor_cluster::node::NodeConnectionMode::Isolated),
     )
-    .with_listen_addr(config.cluster_bind)
+    .with_listen_addr(listen_on)
     .with_max_inbound_frame_size(config.max_frame.saturating_mul(2).max(1 << 20));
+    let tls_listener = match &tls {
+        Some(_) => {
+            listener
+                .set_nonblocking(true)
+                .context("setting up the cluster listener")?;
+            Some(
+                tokio::net::TcpListener::from_std(listener)
+                    .context("setting up the cluster listener")?,
+            )
+        }
+        None => {
+            drop(listener);
+            None
+        }
+    };
     let (server, _) = Actor::spawn(None, node_server, ())
         .await
         .context("starting the cluster node server")?;
+    let tls_listener = match (&tls, tls_listener) {
+        (Some(tls), Some(listener)) => {
+            let (tls, server, tasks) = (tls.clone(), server.clone(), shutdown.clone());
+            Some(shutdown.spawn_worker(move |stop| async move {
+                tls.listen(listener, server, tasks, stop).await
+            }))
+        }
+        _ => None,
+    };
     let (router, _) = Actor::spawn(
         None,
         RouterActor,
@@ -389,6 +429,7 @@ async fn start_node(
                 }
             }),
         own_addr: cluster_addr.clone(),
+        tls: tls.clone(),
     };
     let (membership, notes) = Membership::new(
         settings,
@@ -402,11 +443,27 @@ async fn start_node(
         shutdown.clone(),
     );
     let membership = shutdown.spawn_worker(|stop| membership.run(notes, stop));
-    tracing::info!(%cluster_addr, bind = %bind, "cluster node started");
+    tracing::info!(%cluster_addr, bind = %bind, tls = tls.is_some(), "cluster node started");
     Ok(Node {
         server,
         router,
         membership,
+        tls_listener,
         cluster_addr,
     })
+}
+
+/// The node-link TLS settings: all three files, or none.
+fn load_tls(config: &Config) -> anyhow::Result<Option<tls::ClusterTls>> {
+    match (
+        &config.cluster_tls_cert,
+        &config.cluster_tls_key,
+        &config.cluster_tls_ca,
+    ) {
+        (None, None, None) => Ok(None),
+        (Some(cert), Some(key), Some(ca)) => tls::ClusterTls::load(cert, key, ca).map(Some),
+        _ => anyhow::bail!(
+            "mutual TLS between nodes needs all three of BRANCHD_CLUSTER_TLS_CERT, BRANCHD_CLUSTER_TLS_KEY and BRANCHD_CLUSTER_TLS_CA (or none of them)"
+        ),
+    }
 }
