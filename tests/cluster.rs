@@ -938,6 +938,68 @@ async fn mutual_tls_admits_the_cas_nodes_only() {
         .expect("routing still works");
 }
 
+/// Partial or mismatched TLS settings stop a node at start, saying what
+/// to fix, instead of running it without the protection it was given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tls_settings_stop_the_node_with_what_to_fix() {
+    let Some(db) = postgres("bad_tls_settings_stop_the_node_with_what_to_fix").await else {
+        return;
+    };
+    let ca = TestCa::new("branchd test cluster CA");
+    let (one, other) = (ca.node("tls-one"), ca.node("tls-other"));
+    let setting = |files: &[(String, String)], name: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .expect("a setting")
+    };
+    let cases = [
+        (
+            vec![setting(&one, "BRANCHD_CLUSTER_TLS_CERT")],
+            "needs all three of BRANCHD_CLUSTER_TLS_CERT, BRANCHD_CLUSTER_TLS_KEY and BRANCHD_CLUSTER_TLS_CA",
+        ),
+        (
+            vec![
+                setting(&one, "BRANCHD_CLUSTER_TLS_CERT"),
+                setting(&other, "BRANCHD_CLUSTER_TLS_KEY"),
+                setting(&one, "BRANCHD_CLUSTER_TLS_CA"),
+            ],
+            "does not match the key (BRANCHD_CLUSTER_TLS_KEY)",
+        ),
+        (
+            vec![
+                setting(&one, "BRANCHD_CLUSTER_TLS_CERT"),
+                setting(&one, "BRANCHD_CLUSTER_TLS_KEY"),
+                (
+                    "BRANCHD_CLUSTER_TLS_CA".into(),
+                    "/nonexistent/ca.pem".into(),
+                ),
+            ],
+            "reading the CA /nonexistent/ca.pem (BRANCHD_CLUSTER_TLS_CA)",
+        ),
+    ];
+    for (settings, expected) in cases {
+        let dir = tempfile::tempdir().expect("dir");
+        let refused = std::process::Command::new(env!("CARGO_BIN_EXE_branchd"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .env_clear()
+            .env("BRANCHD_DATA_DIR", dir.path())
+            .env("BRANCHD_DATABASE_URL", &db.url)
+            .env("BRANCHD_ADMIN_PASSWORD", PASSWORD)
+            .env("BRANCHD_CLUSTER_COOKIE", COOKIE)
+            .env("BRANCHD_CLUSTER_PORT", free_port().to_string())
+            .env("BRANCHD_CLUSTER_BIND", "127.0.0.1")
+            .env("BRANCHD_ADVERTISE_HOST", "127.0.0.1")
+            .envs(settings.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run branchd");
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(1), "{said}");
+        assert!(said.contains(expected), "expected {expected:?} in {said}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_the_wrong_cookie_never_joins() {
     let Some(db) = postgres("a_node_with_the_wrong_cookie_never_joins").await else {
