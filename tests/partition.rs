@@ -24,7 +24,9 @@ use branchd::protocol::{ErrorCode, Op, Reply};
 use common::process::{create_project, login};
 use common::{TestDb, eventually_within};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 const BIN: &str = env!("CARGO_BIN_EXE_branchd");
 const PASSWORD: &str = "partition-test-password";
@@ -156,20 +158,63 @@ impl Drop for Net {
     }
 }
 
-/// Forwards connections on the service network to Postgres on loopback.
-async fn database_proxy(bind: Ipv4Addr) -> SocketAddr {
-    let listener = TcpListener::bind((bind, 0)).await.expect("bind the proxy");
-    let addr = listener.local_addr().expect("proxy address");
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = TcpStream::connect("127.0.0.1:5432").await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                }
-            });
+/// One node's way to Postgres: a proxy on the service network that
+/// forwards to Postgres on loopback, and can be cut (a black hole: bytes
+/// are held, nothing is reset) and healed.
+struct DatabaseProxy {
+    addr: SocketAddr,
+    open: watch::Sender<bool>,
+}
+
+impl DatabaseProxy {
+    async fn start(bind: Ipv4Addr) -> DatabaseProxy {
+        let listener = TcpListener::bind((bind, 0)).await.expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let (open, _) = watch::channel(true);
+        let gate = open.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let mut gate = gate.subscribe();
+                tokio::spawn(async move {
+                    if gate.wait_for(|open| *open).await.is_err() {
+                        return;
+                    }
+                    let Ok(outbound) = TcpStream::connect("127.0.0.1:5432").await else {
+                        return;
+                    };
+                    let (from_node, to_node) = inbound.into_split();
+                    let (from_db, to_db) = outbound.into_split();
+                    tokio::join!(
+                        pipe(from_node, to_db, gate.clone()),
+                        pipe(from_db, to_node, gate)
+                    );
+                });
+            }
+        });
+        DatabaseProxy { addr, open }
+    }
+
+    fn set_open(&self, open: bool) {
+        self.open.send_replace(open);
+    }
+}
+
+/// Copies one direction, holding the bytes while the proxy is cut.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut gate: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if gate.wait_for(|open| *open).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
         }
-    });
-    addr
+    }
 }
 
 /// A `branchd serve` in a namespace.
@@ -272,15 +317,31 @@ fn write(path: &str, content: &[u8]) -> Op {
 
 /// Clusters of two nodes in namespaces: fast membership, a 2 s lease and
 /// a peer timeout long enough that any wait on it would show.
-async fn two_nodes(test: &str) -> Option<(TestDb, Net, [NsNode; 2], String)> {
+struct TwoNodes {
+    db: TestDb,
+    net: Net,
+    proxies: [DatabaseProxy; 2],
+    nodes: [NsNode; 2],
+    token: String,
+}
+
+async fn two_nodes(test: &str) -> Option<TwoNodes> {
     if !netns_available() {
         return None;
     }
     let db = TestDb::postgres(test).await?;
     let net = Net::new(2);
-    let proxy = database_proxy(net.host_service_ip()).await;
-    let url = db.url.replacen("127.0.0.1:5432", &proxy.to_string(), 1);
-    assert_ne!(url, db.url, "the test database is on 127.0.0.1:5432");
+    let proxies = [
+        DatabaseProxy::start(net.host_service_ip()).await,
+        DatabaseProxy::start(net.host_service_ip()).await,
+    ];
+    let url = |proxy: &DatabaseProxy| {
+        let url = db
+            .url
+            .replacen("127.0.0.1:5432", &proxy.addr.to_string(), 1);
+        assert_ne!(url, db.url, "the test database is on 127.0.0.1:5432");
+        url
+    };
     let settings = [
         ("BRANCHD_LEASE", "2s"),
         ("BRANCHD_HEARTBEAT_INTERVAL", "250ms"),
@@ -288,15 +349,21 @@ async fn two_nodes(test: &str) -> Option<(TestDb, Net, [NsNode; 2], String)> {
         ("BRANCHD_PEER_TIMEOUT", "60s"),
     ];
     let nodes = [
-        NsNode::start(&net, 0, "part-a", &url, &settings),
-        NsNode::start(&net, 1, "part-b", &url, &settings),
+        NsNode::start(&net, 0, "part-a", &url(&proxies[0]), &settings),
+        NsNode::start(&net, 1, "part-b", &url(&proxies[1]), &settings),
     ];
     let token = login(&reqwest::Client::new(), &nodes[0].base, "admin", PASSWORD).await;
     eventually_within("the two nodes link", Duration::from_secs(20), || {
         linked(&nodes[0], &nodes[1], &token)
     })
     .await;
-    Some((db, net, nodes, token))
+    Some(TwoNodes {
+        db,
+        net,
+        proxies,
+        nodes,
+        token,
+    })
 }
 
 /// The owner cut from its peers but not from the database keeps its
@@ -307,9 +374,14 @@ async fn two_nodes(test: &str) -> Option<(TestDb, Net, [NsNode; 2], String)> {
 /// nodes link again by themselves and routing works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_owner_cut_from_its_peers_keeps_its_workspace_and_the_link_heals_by_itself() {
-    let Some((db, net, nodes, token)) =
-        two_nodes("an_owner_cut_from_its_peers_keeps_its_workspace_and_the_link_heals_by_itself")
-            .await
+    let Some(TwoNodes {
+        db,
+        net,
+        nodes,
+        token,
+        ..
+    }) = two_nodes("an_owner_cut_from_its_peers_keeps_its_workspace_and_the_link_heals_by_itself")
+        .await
     else {
         return;
     };
@@ -407,5 +479,148 @@ async fn an_owner_cut_from_its_peers_keeps_its_workspace_and_the_link_heals_by_i
         routed_ended.map(|d| d.as_millis()).unwrap_or_default(),
         connect_answered.as_millis(),
         relinked.as_millis()
+    );
+}
+
+/// The owner cut from the database and from its peers fences itself: it
+/// refuses writes within half a lease (a write already waiting on the
+/// database included) and closes its sessions; the other node takes the
+/// workspace over once the lease has run out, with everything
+/// acknowledged; and after the links heal, nothing the old owner tried to
+/// write reaches the journal (its epoch writes nothing after the cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_cut_from_the_database_and_its_peers_fences_itself_and_is_replaced() {
+    let Some(TwoNodes {
+        db,
+        net,
+        proxies,
+        nodes,
+        token,
+    }) = two_nodes("an_owner_cut_from_the_database_and_its_peers_fences_itself_and_is_replaced")
+        .await
+    else {
+        return;
+    };
+    let [a, b] = &nodes;
+    let store = db.open().await;
+    let project = create_project(&reqwest::Client::new(), &a.base, &token, "Fenced").await;
+    let key = branchd::storage::WorkspaceKey::new(project, "main");
+    let on_a = Client::connect(&a.base, &token, project, "main")
+        .await
+        .expect("A serves");
+    assert_eq!(on_a.welcome().owner, "part-a");
+    on_a.request(write("acked.txt", b"acknowledged before the cut"))
+        .await
+        .expect("a write on A");
+    let old_epoch = store
+        .claim_of(&key)
+        .await
+        .expect("claim")
+        .expect("a claim row")
+        .epoch;
+    let journalled_before = store
+        .journal_after(&key, 0)
+        .await
+        .expect("journal")
+        .into_iter()
+        .filter(|e| e.epoch == old_epoch)
+        .map(|e| e.seq)
+        .max()
+        .unwrap_or(0);
+
+    proxies[0].set_open(false);
+    net.cluster_link(0, false);
+    let cut = Instant::now();
+
+    // A's client keeps writing: nothing is acknowledged, and within about
+    // half the lease (1 s) the writes are refused or the session closed.
+    let mut refused = 0usize;
+    let mut acknowledged = 0usize;
+    let fenced = loop {
+        assert!(
+            cut.elapsed() < Duration::from_secs(20),
+            "A still took writes {:?} after losing the database",
+            cut.elapsed()
+        );
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(5),
+            on_a.request(write("during.txt", b"never acknowledged")),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(_)) => acknowledged += 1,
+            Ok(Err(ClientError::Op(err))) if err.code == ErrorCode::Unavailable => {
+                refused += 1;
+                break cut.elapsed();
+            }
+            Ok(Err(_)) => break cut.elapsed(), // the session was closed
+            Err(_) => panic!("a write on A waited 5 s without an answer"),
+        }
+    };
+    assert_eq!(
+        acknowledged, 0,
+        "A acknowledged writes without its database"
+    );
+
+    // B takes over once A's lease has run out.
+    let taken_over = loop {
+        assert!(
+            cut.elapsed() < Duration::from_secs(30),
+            "B did not take over within 30 s"
+        );
+        match Client::connect(&b.base, &token, project, "main").await {
+            Ok(client) if client.welcome().owner == "part-b" => break client,
+            Ok(client) => panic!("B routed to {} while A is cut", client.welcome().owner),
+            Err(ClientError::Op(err)) => {
+                let wait = err.retry_after_ms.unwrap_or(100).min(2_000);
+                tokio::time::sleep(Duration::from_millis(wait)).await;
+            }
+            Err(other) => panic!("connecting to B: {other:?}"),
+        }
+    };
+    let takeover = cut.elapsed();
+    match taken_over
+        .request(Op::ReadFile {
+            path: "acked.txt".into(),
+        })
+        .await
+    {
+        Ok(Reply::File { content, .. }) => assert_eq!(content, b"acknowledged before the cut"),
+        other => panic!("reading on B after the takeover: {other:?}"),
+    }
+    taken_over
+        .request(write("after.txt", b"written on B"))
+        .await
+        .expect("B writes as the new owner");
+
+    // Healed: A's held traffic reaches the database, and is refused there.
+    proxies[0].set_open(true);
+    net.cluster_link(0, true);
+    eventually_within("A and B link again", Duration::from_secs(60), || {
+        linked(a, b, &token)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let late: Vec<i64> = store
+        .journal_after(&key, journalled_before)
+        .await
+        .expect("journal")
+        .into_iter()
+        .filter(|e| e.epoch == old_epoch)
+        .map(|e| e.seq)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "the old owner wrote {late:?} after the cut"
+    );
+    let again = Client::connect(&a.base, &token, project, "main")
+        .await
+        .expect("A routes to the new owner after the heal");
+    assert_eq!(again.welcome().owner, "part-b");
+    let _ = writeln!(
+        std::io::stderr(),
+        "owner cut from the database and its peers (lease 2 s): fenced {} ms after the cut ({refused} write refused, 0 acknowledged), taken over {} ms after the cut, 0 journal records from the old owner after the cut",
+        fenced.as_millis(),
+        takeover.as_millis()
     );
 }

@@ -103,6 +103,7 @@ pub(super) async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpEr
         fence,
         journal_seq,
         saves: Saves::default(),
+        stale: false,
         dirty_since: replayed_at,
         last_change: replayed_at,
         files,

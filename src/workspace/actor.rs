@@ -88,6 +88,11 @@ impl Actor for WorkspaceActor {
             #[cfg(any(test, feature = "fault-injection"))]
             WorkspaceMsg::Panic => panic!("test-requested panic"),
         }
+        if state.stale {
+            // Its journal and working copy may differ (see `record`): stop;
+            // sessions are closed and told to reconnect.
+            myself.stop(Some("lost the database while writing".into()));
+        }
         Ok(())
     }
 }

@@ -121,6 +121,14 @@ impl Liveness {
     pub fn writable(&self) -> bool {
         !self.managed.load(Ordering::Relaxed) || self.silence() < self.fence_after
     }
+
+    /// How long writes stay allowed without another renewal; `None` when
+    /// no heartbeat manages this node (no limit).
+    pub fn writable_for(&self) -> Option<Duration> {
+        self.managed
+            .load(Ordering::Relaxed)
+            .then(|| self.fence_after.saturating_sub(self.silence()))
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +148,18 @@ mod tests {
         let (liveness, clock) = manual(Duration::from_millis(30));
         clock.advance(Duration::from_secs(3600));
         assert!(liveness.writable(), "no heartbeat yet: not fenced");
+    }
+
+    #[test]
+    fn the_time_left_to_write_shrinks_to_zero_at_the_fence() {
+        let (liveness, clock) = manual(Duration::from_millis(1000));
+        liveness.renewed();
+        assert_eq!(liveness.writable_for(), Some(Duration::from_millis(1000)));
+        clock.advance(Duration::from_millis(400));
+        assert_eq!(liveness.writable_for(), Some(Duration::from_millis(600)));
+        clock.advance(Duration::from_millis(700));
+        assert_eq!(liveness.writable_for(), Some(Duration::ZERO));
+        assert_eq!(Liveness::new(Duration::from_secs(1)).writable_for(), None);
     }
 
     #[test]

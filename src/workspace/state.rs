@@ -54,6 +54,10 @@ pub struct WorkspaceState {
     pub(super) compile_cache: Arc<tokio::sync::Mutex<CompileCache>>,
     /// The save running in the background, if any, and who waits.
     pub(super) saves: Saves,
+    /// Set when a journal append did not finish before the fence: whether
+    /// it landed is unknown, so this actor stops once it has answered (see
+    /// [`WorkspaceState::record`]).
+    pub(super) stale: bool,
     /// Declared last: dropped after everything that uses the directory.
     pub(super) dir: TempDir,
 }
@@ -213,10 +217,33 @@ impl WorkspaceState {
     pub(super) async fn record<R: Record>(&mut self, record: &R) -> Result<(), OpError> {
         self.check_writable()?;
         let record = journal::encode(record)?;
-        let seq = self
-            .store
-            .append_journal(&self.key, &self.fence, &record)
-            .await?;
+        let append = self.store.append_journal(&self.key, &self.fence, &record);
+        tokio::pin!(append);
+        // The append may wait at most until the fence (which a renewal
+        // meanwhile moves on): a node cut off from the database must not
+        // keep its clients, or the ops queued behind this one, waiting, and
+        // must stop writing by then anyway.
+        let seq = loop {
+            let Some(left) = self.settings.liveness.writable_for() else {
+                break append.await?;
+            };
+            match tokio::time::timeout(left, &mut append).await {
+                Ok(appended) => break appended?,
+                Err(_) if self.settings.liveness.writable() => continue,
+                Err(_) => {
+                    // Whether the record landed is unknown (it commits later
+                    // only if this node still owns the workspace then), so
+                    // this actor must not go on from its state: it stops,
+                    // and the next activation replays what the journal holds.
+                    self.stale = true;
+                    tracing::warn!(workspace = %self.key, "the database did not take a change before the fence; stopping the workspace");
+                    return Err(OpError::new(
+                        ErrorCode::Unavailable,
+                        "this node lost the database while writing; whether the change was kept is unknown: reconnect and re-read",
+                    ));
+                }
+            }
+        };
         self.journal_seq = seq;
         let now = Instant::now();
         self.dirty = true;
