@@ -821,6 +821,15 @@ impl TestCa {
 
     /// A certificate for `tag` signed by this CA, as the three settings.
     fn node(&self, tag: &str) -> Vec<(String, String)> {
+        self.node_with(tag, |_| {})
+    }
+
+    /// The same, with the certificate's parameters changed first.
+    fn node_with(
+        &self,
+        tag: &str,
+        change: impl FnOnce(&mut rcgen::CertificateParams),
+    ) -> Vec<(String, String)> {
         let mut params =
             rcgen::CertificateParams::new(vec![format!("{tag}.branchd.test")]).expect("params");
         params
@@ -830,6 +839,7 @@ impl TestCa {
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        change(&mut params);
         let key = rcgen::KeyPair::generate().expect("node key");
         let cert = params
             .signed_by(&key, &self.issuer)
@@ -863,8 +873,9 @@ fn tls_node(db: &TestDb, tag: &str, settings: &[(String, String)]) -> Node {
 /// With mutual TLS, nodes holding certificates of the cluster's CA form
 /// the mesh and route to each other; a connection that never finishes its
 /// handshake and one that sends garbage are refused without holding up
-/// anyone; a node with a certificate of another CA, and a node without TLS,
-/// never join, although they know the cookie.
+/// anyone; a node with a certificate of another CA, one with an expired
+/// certificate of the right CA, and a node without TLS never join,
+/// although they know the cookie.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_admits_the_cas_nodes_only() {
     let Some(db) = postgres("mutual_tls_admits_the_cas_nodes_only").await else {
@@ -911,17 +922,25 @@ async fn mutual_tls_admits_the_cas_nodes_only() {
     nodes.push(tls_node(&db, "tls-c", &ca.node("tls-c")));
     full_mesh(&nodes, &token).await;
 
-    // A certificate of another CA, and no TLS at all: never let in.
+    // A certificate of another CA, an expired one of the right CA, and no
+    // TLS at all: never let in.
     let other_ca = TestCa::new("a foreign CA");
+    let expired = ca.node_with("tls-expired", |params| {
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    });
     let intruders = [
         tls_node(&db, "tls-foreign", &other_ca.node("tls-foreign")),
+        tls_node(&db, "tls-expired", &expired),
         Node::start(&db, "tls-plain", COOKIE),
     ];
     tokio::time::sleep(Duration::from_secs(3)).await;
     for node in &nodes {
         let peers = ready_peers(&view(node, &token).await);
         assert!(
-            !peers.contains("tls-foreign") && !peers.contains("tls-plain"),
+            ["tls-foreign", "tls-expired", "tls-plain"]
+                .iter()
+                .all(|intruder| !peers.contains(*intruder)),
             "{} let an intruder in: {peers:?}",
             node.tag
         );
