@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use branchd::client::{Client, ClientError};
 use branchd::protocol::{ErrorCode, Event, Op, Reply};
-use common::process::{Served, create_project, login};
+use common::process::{Served, create_project, login, ready_peers};
 use common::{TestDb, eventually_within, free_port};
 use serde_json::Value;
 
@@ -131,17 +131,6 @@ async fn view(node: &Node, token: &str) -> Value {
         .json()
         .await
         .expect("json")
-}
-
-/// The server tags a node has a ready session with.
-fn ready_peers(view: &Value) -> HashSet<String> {
-    view["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["ready"] == true)
-        .filter_map(|p| p["server_tag"].as_str().map(str::to_string))
-        .collect()
 }
 
 async fn full_mesh(nodes: &[Node], token: &str) {
@@ -563,7 +552,7 @@ async fn a_lost_owner_is_never_waited_for_and_is_replaced_at_its_lease() {
         .await
         .expect("a routed write");
 
-    nodes[1].served().signal(libc::SIGSTOP);
+    nodes[1].served().freeze();
     let frozen = Instant::now();
     let in_flight = routed.request(Op::ReadFile {
         path: "acked.txt".into(),
@@ -652,7 +641,7 @@ async fn a_frozen_owner_is_replaced_and_its_writes_are_refused_when_it_wakes() {
         .await
         .expect("B writes while it owns");
 
-    nodes[1].served().signal(libc::SIGSTOP);
+    nodes[1].served().freeze();
     tokio::time::sleep(Duration::from_millis(LEASE_MS + 1000)).await;
     // A takes over once B's lease has run out.
     let mut fresh = None;

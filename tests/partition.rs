@@ -13,6 +13,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -21,9 +22,8 @@ use std::time::{Duration, Instant};
 
 use branchd::client::{Client, ClientError};
 use branchd::protocol::{ErrorCode, Op, Reply};
-use common::process::{create_project, login};
+use common::process::{create_project, login, ready_peers};
 use common::{TestDb, eventually_within};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -282,7 +282,8 @@ impl Drop for NsNode {
     }
 }
 
-async fn ready_peers(node: &NsNode, token: &str) -> Vec<String> {
+/// The peers a node has a ready session with; none if it does not answer.
+async fn peers_of(node: &NsNode, token: &str) -> HashSet<String> {
     let Ok(response) = reqwest::Client::new()
         .get(format!("{}/ops/api/cluster", node.base))
         .bearer_auth(token)
@@ -290,20 +291,13 @@ async fn ready_peers(node: &NsNode, token: &str) -> Vec<String> {
         .send()
         .await
     else {
-        return Vec::new();
+        return HashSet::new();
     };
-    let view: Value = response.json().await.unwrap_or_default();
-    view["peers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["ready"] == true)
-        .filter_map(|p| p["server_tag"].as_str().map(str::to_string))
-        .collect()
+    ready_peers(&response.json().await.unwrap_or_default())
 }
 
 async fn linked(a: &NsNode, b: &NsNode, token: &str) -> bool {
-    ready_peers(a, token).await.contains(&b.tag) && ready_peers(b, token).await.contains(&a.tag)
+    peers_of(a, token).await.contains(&b.tag) && peers_of(b, token).await.contains(&a.tag)
 }
 
 fn write(path: &str, content: &[u8]) -> Op {

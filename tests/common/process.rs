@@ -87,6 +87,33 @@ impl Served {
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
     }
 
+    /// Freezes the process (SIGSTOP) and returns once every one of its
+    /// threads is stopped: a signal is delivered asynchronously, and a
+    /// thread still running could answer a request sent right after.
+    pub fn freeze(&self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let stopped = || {
+            std::fs::read_dir(&tasks).is_ok_and(|threads| {
+                threads.flatten().all(|thread| {
+                    std::fs::read_to_string(thread.path().join("stat")).is_ok_and(|stat| {
+                        // The state follows the parenthesised command name.
+                        stat.rsplit_once(')')
+                            .is_some_and(|(_, rest)| rest.trim_start().starts_with('T'))
+                    })
+                })
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !stopped() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process did not stop within 10 s of SIGSTOP"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Kills the process with SIGKILL, as a crash would, and reaps it.
     pub fn kill(mut self) {
         let pid = i32::try_from(self.child.id()).expect("pid");
@@ -142,4 +169,16 @@ pub async fn create_project(http: &reqwest::Client, base: &str, token: &str, nam
         .await
         .expect("json");
     project["id"].as_i64().expect("a project id")
+}
+
+/// The server tags a node has a ready session with, from its
+/// `GET /ops/api/cluster` view.
+pub fn ready_peers(view: &Value) -> std::collections::HashSet<String> {
+    view["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["ready"] == true)
+        .filter_map(|p| p["server_tag"].as_str().map(str::to_string))
+        .collect()
 }
