@@ -927,3 +927,43 @@ async fn a_client_joining_a_locked_workspace_learns_the_lock_in_its_welcome() {
     assert_eq!(lock.user, "admin");
     server.stop().await;
 }
+
+/// A file or directory name longer than 255 bytes is refused as
+/// `bad_request` naming the limit (the disk would refuse it, which used to
+/// surface as `internal`); 255 bytes is fine. A `git_log` limit may be any
+/// unsigned integer (it counts as 1000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_names_are_refused_by_name_and_any_log_limit_is_taken() {
+    let (server, admin, project) = server_with_project(TestDb::sqlite().await).await;
+    let client = connect(&server, &admin, project, "main").await;
+    let write = |path: String| Op::WriteFile {
+        path,
+        content: b"x".to_vec(),
+        base_version: None,
+        force: true,
+    };
+    match client
+        .request(write(format!("dir/{}", "n".repeat(256))))
+        .await
+    {
+        Err(ClientError::Op(err)) => {
+            assert_eq!(err.code, ErrorCode::BadRequest, "{err:?}");
+            assert!(err.message.contains("at most 255 bytes"), "{err:?}");
+        }
+        other => panic!("expected bad_request, got {other:?}"),
+    }
+    client
+        .request(write(format!("dir/{}", "n".repeat(255))))
+        .await
+        .expect("a 255-byte name");
+    match client
+        .request(Op::GitLog {
+            limit: Some(u64::MAX),
+        })
+        .await
+    {
+        Ok(Reply::Log { commits }) => assert!(!commits.is_empty()),
+        other => panic!("expected the log, got {other:?}"),
+    }
+    server.stop().await;
+}

@@ -254,6 +254,21 @@ mod tests {
     }
 
     #[test]
+    fn a_git_log_limit_may_be_any_unsigned_integer() {
+        let frame = rmp_serde::to_vec_named(
+            &serde_json::json!({"id": 1, "op": "git_log", "limit": u64::MAX}),
+        )
+        .expect("encode");
+        match decode_request(&frame, LIMIT) {
+            Ok(Request::Op {
+                op: Op::GitLog { limit },
+                ..
+            }) => assert_eq!(limit, Some(u64::MAX)),
+            other => panic!("expected git_log, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn each_malformed_frame_is_named_for_what_is_wrong() {
         let msgpack = |v: serde_json::Value| rmp_serde::to_vec_named(&v).expect("encode");
         let (id, message) = error_of(&[0xc1]);

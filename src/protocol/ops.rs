@@ -101,8 +101,9 @@ pub enum Op {
     },
     #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "log")))]
     GitLog {
+        /// Any unsigned integer; the workspace keeps it between 1 and 1000.
         #[serde(default)]
-        limit: Option<u32>,
+        limit: Option<u64>,
     },
     #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "branches")))]
     GitBranches,

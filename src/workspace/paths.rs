@@ -1,13 +1,18 @@
 //! Client-named paths inside a working copy.
 //!
 //! A [`WorkPath`] is relative, `/`-separated and normalised (no empty, `.`
-//! or `..` segments), never names `.git` or anything in it, and holds no NUL
-//! byte. [`WorkPath::resolve`] also refuses any path that would pass through
-//! a symbolic link, so nothing a client names can reach outside the root.
+//! or `..` segments), never names `.git` or anything in it, holds no NUL
+//! byte and no name longer than [`MAX_SEGMENT`] bytes. [`WorkPath::resolve`]
+//! also refuses any path that would pass through a symbolic link, so
+//! nothing a client names can reach outside the root.
 
 use std::path::{Path, PathBuf};
 
 use crate::protocol::OpError;
+
+/// The longest file or directory name, in bytes (what Linux file systems
+/// take: a longer one would fail on disk as `internal`).
+pub const MAX_SEGMENT: usize = 255;
 
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct WorkPath(String);
@@ -58,6 +63,12 @@ impl WorkPath {
                 s if s.eq_ignore_ascii_case(".git") => {
                     return Err(OpError::bad_request(format!(
                         "path {raw:?} is inside .git, which clients cannot touch"
+                    )));
+                }
+                s if s.len() > MAX_SEGMENT => {
+                    return Err(OpError::bad_request(format!(
+                        "a name in path {raw:?} is {} bytes long; each file or directory name may have at most {MAX_SEGMENT} bytes",
+                        s.len()
                     )));
                 }
                 s => segments.push(s),
@@ -182,6 +193,12 @@ mod tests {
             assert_eq!(refused(raw), ErrorCode::BadRequest, "{raw:?}");
         }
         assert_eq!(refused(&"x".repeat(2000)), ErrorCode::TooLarge);
+        assert_eq!(
+            refused(&format!("a/{}", "n".repeat(256))),
+            ErrorCode::BadRequest
+        );
+        let longest = format!("a/{}", "n".repeat(MAX_SEGMENT));
+        assert!(WorkPath::parse(&longest, 1024).is_ok(), "255 bytes is fine");
         assert!(WorkPath::parse_non_root("./", 1024).is_err());
     }
 

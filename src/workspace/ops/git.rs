@@ -136,7 +136,7 @@ pub(super) async fn commit(
     Ok(Reply::Committed { commit })
 }
 
-pub(super) async fn log(ws: &mut WorkspaceState, limit: Option<u32>) -> OpResult {
+pub(super) async fn log(ws: &mut WorkspaceState, limit: Option<u64>) -> OpResult {
     let limit = limit.unwrap_or(50).clamp(1, 1000) as usize;
     let dir = ws.dir.path().to_path_buf();
     let commits = blocking("reading the log", move || repo::log(&dir, limit)).await?;
