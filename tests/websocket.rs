@@ -967,3 +967,67 @@ async fn long_names_are_refused_by_name_and_any_log_limit_is_taken() {
     }
     server.stop().await;
 }
+
+/// Names git cannot track (`.git ` and its look-alikes) are refused when a
+/// file, a rename target or a directory would get them, so the branch keeps
+/// committing; before, the write succeeded and every later `git_commit`
+/// answered `internal`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_git_cannot_track_are_refused_and_commits_keep_working() {
+    let (server, admin, project) = server_with_project(TestDb::sqlite().await).await;
+    let client = connect(&server, &admin, project, "main").await;
+    let bad_request = |result: Result<Reply, ClientError>, what: &str| match result {
+        Err(ClientError::Op(err)) => {
+            assert_eq!(err.code, ErrorCode::BadRequest, "{what}: {err:?}");
+            assert!(err.message.contains("git cannot track"), "{what}: {err:?}");
+        }
+        other => panic!("{what}: expected bad_request, got {other:?}"),
+    };
+    for path in [
+        ".git /x",
+        ".git./x",
+        "git~1/x",
+        "GIT~1/x",
+        ".git::$INDEX_ALLOCATION/x",
+    ] {
+        let written = client
+            .request(Op::WriteFile {
+                path: path.into(),
+                content: b"x".to_vec(),
+                base_version: None,
+                force: true,
+            })
+            .await;
+        bad_request(written, path);
+    }
+    client
+        .request(Op::WriteFile {
+            path: "ok.txt".into(),
+            content: b"fine".to_vec(),
+            base_version: None,
+            force: true,
+        })
+        .await
+        .expect("an ordinary name");
+    let renamed = client
+        .request(Op::RenamePath {
+            from: "ok.txt".into(),
+            to: "git~1/ok.txt".into(),
+        })
+        .await;
+    bad_request(renamed, "rename");
+    let made = client
+        .request(Op::MakeDir {
+            path: "GIT~1".into(),
+        })
+        .await;
+    bad_request(made, "make_dir");
+    client
+        .request(Op::GitCommit {
+            message: "still commits".into(),
+            paths: None,
+        })
+        .await
+        .expect("the branch still commits");
+    server.stop().await;
+}

@@ -5,6 +5,7 @@
 //! `Sync`) and is blocking: callers run it on the blocking pool.
 
 use std::path::Path;
+use std::sync::{Mutex, OnceLock};
 
 use git2::build::CheckoutBuilder;
 use git2::{
@@ -49,6 +50,75 @@ pub fn init_repository(
         &[],
     )?;
     Ok(commit.to_string())
+}
+
+/// A scratch repository of this process that answers whether git takes a
+/// path: one empty blob, and an index that is cleared after each check.
+struct Scratch {
+    repo: Repository,
+    blob: git2::Oid,
+    _dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Result<Scratch, git2::Error> {
+        let dir = tempfile::tempdir()
+            .map_err(|e| git2::Error::from_str(&format!("a scratch directory: {e}")))?;
+        let repo = Repository::init_bare(dir.path())?;
+        let blob = repo.blob(b"")?;
+        Ok(Scratch {
+            repo,
+            blob,
+            _dir: dir,
+        })
+    }
+}
+
+/// `bad_request` unless git takes `path` as the path of a tracked file.
+/// libgit2's index refuses names that some file systems would take for
+/// `.git` (`.git `, `.git.`, `git~1`, `.git::$INDEX_ALLOCATION`, ...); a file
+/// under such a name would make every later commit of the branch fail. The
+/// check is git's own (not a second list), against a scratch repository of
+/// this process: a few microseconds, under a lock, without touching the
+/// working copy.
+pub fn check_trackable(path: &WorkPath) -> Result<(), OpError> {
+    static SCRATCH: OnceLock<Result<Mutex<Scratch>, String>> = OnceLock::new();
+    let scratch = SCRATCH
+        .get_or_init(|| Scratch::new().map(Mutex::new).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|err| OpError::internal("preparing the git path check", err))?;
+    let scratch = scratch
+        .lock()
+        .map_err(|_| OpError::internal("the git path check", "its lock was poisoned"))?;
+    let entry = git2::IndexEntry {
+        ctime: git2::IndexTime::new(0, 0),
+        mtime: git2::IndexTime::new(0, 0),
+        dev: 0,
+        ino: 0,
+        mode: 0o100644,
+        uid: 0,
+        gid: 0,
+        file_size: 0,
+        id: scratch.blob,
+        flags: 0,
+        flags_extended: 0,
+        path: path.as_str().as_bytes().to_vec(),
+    };
+    let mut index = scratch
+        .repo
+        .index()
+        .map_err(|err| git_error("the git path check", err))?;
+    let added = index.add(&entry);
+    let cleared = index.clear();
+    match (added, cleared) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(err), _) if err.class() == git2::ErrorClass::Index => {
+            Err(OpError::bad_request(format!(
+                "git cannot track {path:?} (a name that some file systems take for .git, such as \".git \" or \"git~1\"): choose another name"
+            )))
+        }
+        (Err(err), _) | (_, Err(err)) => Err(git_error("the git path check", err)),
+    }
 }
 
 fn git_error(context: &str, err: git2::Error) -> OpError {
@@ -399,6 +469,34 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_git_cannot_track_are_refused_and_ordinary_ones_pass() {
+        let path = |raw: &str| WorkPath::parse(raw, 1024).expect(raw);
+        for refused in [
+            ".git /x",
+            ".git./x",
+            "git~1/x",
+            "GIT~1/x",
+            ".git::$INDEX_ALLOCATION/x",
+        ] {
+            let err = check_trackable(&path(refused)).expect_err(refused);
+            assert_eq!(
+                err.code,
+                crate::protocol::ErrorCode::BadRequest,
+                "{refused}"
+            );
+        }
+        for fine in [
+            "a/b.txt",
+            "dir.git/x",
+            "x/.gitmodules",
+            "ünïcode/ファイル",
+            "git~1x/y",
+        ] {
+            check_trackable(&path(fine)).expect(fine);
+        }
+    }
 
     #[test]
     fn new_repository_has_one_commit_with_the_readme_on_the_named_branch() {

@@ -345,6 +345,10 @@ impl Files {
         }
         self.check_parents(path)?;
         let current = self.version(path)?;
+        if current.is_none() {
+            // A new file: git must be able to track its name.
+            crate::workspace::repo::check_trackable(path)?;
+        }
         if !force {
             match (base, current.as_deref()) {
                 (None, Some(_)) => {
@@ -497,6 +501,7 @@ impl Files {
             return Err(OpError::conflict(format!("{to:?} already exists"), current));
         }
         self.check_parents(to)?;
+        crate::workspace::repo::check_trackable(to)?;
         Ok(kind)
     }
 
@@ -534,6 +539,7 @@ impl Files {
             )),
             None => {
                 self.check_parents(path)?;
+                crate::workspace::repo::check_trackable(path)?;
                 Ok(true)
             }
         }
