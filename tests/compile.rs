@@ -139,15 +139,7 @@ fn op_code(result: std::result::Result<Reply, ClientError>) -> ErrorCode {
 async fn a_project_of_several_files_compiles_to_its_tree_and_box_and_others_see_it(db: TestDb) {
     let (server, admin, project) = server(db).await;
     let alice = connect(&server, &admin, project).await;
-    let viewer = server.user(&admin, "vera").await;
-    let (status, body) = server
-        .post(
-            &format!("/api/projects/{project}/members"),
-            &admin,
-            json!({"username": "vera", "role": "viewer"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let viewer = server.member(&admin, project, "vera", "viewer").await;
     let mut vera = connect(&server, &viewer, project).await;
     write_project(&alice).await;
 

@@ -6,7 +6,6 @@ mod common;
 use branchd::client::{Client, ClientError};
 use branchd::protocol::{EntryKind, ErrorCode, Op, Reply};
 use common::{TestDb, TestServer};
-use serde_json::json;
 
 on_both_backends!(stat_tells_kind_size_and_version_without_the_content);
 
@@ -17,15 +16,7 @@ async fn stat(client: &Client, path: &str) -> Result<Reply, ClientError> {
 async fn stat_tells_kind_size_and_version_without_the_content(db: TestDb) {
     let (server, admin, project): (TestServer, String, i64) =
         common::server_with_project(db, |_| {}).await;
-    let viewer = server.user(&admin, "vera").await;
-    let (status, body) = server
-        .post(
-            &format!("/api/projects/{project}/members"),
-            &admin,
-            json!({"username": "vera", "role": "viewer"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
+    let viewer = server.member(&admin, project, "vera", "viewer").await;
     let editor = Client::connect(&server.base, &admin, project, "main")
         .await
         .expect("owner connects");

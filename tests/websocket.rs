@@ -34,19 +34,6 @@ async fn server_pinging_every(db: TestDb, ping_interval: Duration) -> (TestServe
     .await
 }
 
-async fn member(server: &TestServer, admin: &str, project: i64, name: &str, role: &str) -> String {
-    let token = server.user(admin, name).await;
-    let (status, body) = server
-        .post(
-            &format!("/api/projects/{project}/members"),
-            admin,
-            json!({"username": name, "role": role}),
-        )
-        .await;
-    assert_eq!(status, 200, "{body}");
-    token
-}
-
 async fn connect(server: &TestServer, token: &str, project: i64, branch: &str) -> Client {
     Client::connect(&server.base, token, project, branch)
         .await
@@ -262,7 +249,7 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
 
 async fn two_clients_see_each_others_edits_and_presence(db: TestDb) {
     let (server, admin, project) = server_with_project(db).await;
-    let ed = member(&server, &admin, project, "ed", "editor").await;
+    let ed = server.member(&admin, project, "ed", "editor").await;
     let mut alice = connect(&server, &admin, project, "main").await;
     let mut bob = connect(&server, &ed, project, "main").await;
     let bob_session = bob.welcome().session.clone();
@@ -403,7 +390,7 @@ async fn two_clients_see_each_others_edits_and_presence(db: TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_write_conflicts_and_a_viewer_cannot_write() {
     let (server, admin, project) = server_with_project(TestDb::sqlite().await).await;
-    let viewer = member(&server, &admin, project, "vic", "viewer").await;
+    let viewer = server.member(&admin, project, "vic", "viewer").await;
     let owner = connect(&server, &admin, project, "main").await;
     let watcher = connect(&server, &viewer, project, "main").await;
     assert_eq!(watcher.welcome().role, Role::Viewer);

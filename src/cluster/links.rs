@@ -1,5 +1,5 @@
 //! The links to peers, as membership last saw them: which peers this node
-//! has a ready session with, which it lost and when, and for each link a
+//! has a ready session with, which it lost, and for each link a
 //! token that is cancelled the moment the link goes.
 //!
 //! Routing reads it so that nothing waits on a peer that is known to be
@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
@@ -25,15 +24,15 @@ pub enum LinkState {
     /// the link goes.
     Up(CancellationToken),
     /// The link was up and went (the session closed, or the peer stopped
-    /// answering pings) at `since`; not up again yet.
-    Lost { since: Instant },
+    /// answering pings); not up again yet.
+    Lost,
     /// Never connected since this node started (it may be dialling).
     Unknown,
 }
 
 enum Link {
     Up(CancellationToken),
-    Lost(Instant),
+    Lost,
 }
 
 /// This node's links, by peer server tag.
@@ -57,14 +56,14 @@ impl Links {
             if let Some(Link::Up(token)) = map.get(peer) {
                 token.cancel();
             }
-            map.insert(peer.to_string(), Link::Lost(Instant::now()));
+            map.insert(peer.to_string(), Link::Lost);
         }
     }
 
     pub fn state(&self, peer: &str) -> LinkState {
         match self.0.lock().ok().as_ref().and_then(|map| map.get(peer)) {
             Some(Link::Up(token)) => LinkState::Up(token.clone()),
-            Some(Link::Lost(since)) => LinkState::Lost { since: *since },
+            Some(Link::Lost) => LinkState::Lost,
             None => LinkState::Unknown,
         }
     }
@@ -89,7 +88,7 @@ mod tests {
         assert!(!first.is_cancelled());
         links.lost("b");
         assert!(first.is_cancelled() && same.is_cancelled());
-        assert!(matches!(links.state("b"), LinkState::Lost { .. }));
+        assert!(matches!(links.state("b"), LinkState::Lost));
         links.up("b");
         let LinkState::Up(second) = links.state("b") else {
             panic!("b is up again, got {:?}", links.state("b"));

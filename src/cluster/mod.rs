@@ -11,7 +11,7 @@
 //! mesh: ractor_cluster does not pass on peers), hangs up on peers that are
 //! stale or frozen, and removes the rows of dead nodes so their workspaces
 //! can be taken over. [`links`] is what membership last saw of each peer
-//! (up, or lost since when), so nothing waits on a peer known to be gone.
+//! (up, lost, or never seen), so nothing waits on a peer known to be gone.
 //! [`routes`] remembers who is attached across nodes so a lost peer closes
 //! exactly the sockets that depended on it.
 //!

@@ -70,13 +70,8 @@ impl Route {
                 tasks,
                 link,
             } => {
-                let went_away = || {
-                    unavailable(format!(
-                        "node {owner}, which serves this workspace, went away; reconnect"
-                    ))
-                };
                 if link.is_cancelled() {
-                    return reply.send(Err(went_away()));
+                    return reply.send(Err(went_away(owner)));
                 }
                 let request = OpRequest {
                     key: key.clone(),
@@ -92,15 +87,14 @@ impl Route {
                 {
                     return;
                 }
-                let gone = went_away();
                 let (timeout, owner, link) = (*timeout, owner.clone(), link.clone());
                 tasks.spawn(async move {
                     let result = tokio::select! {
-                        _ = link.cancelled() => Err(gone),
+                        _ = link.cancelled() => Err(went_away(&owner)),
                         answered = tokio::time::timeout(timeout, answer) => match answered {
                             Ok(Ok(bytes)) => wire::decode::<OpReply>(&bytes, "op reply")
                                 .and_then(|result| result),
-                            Ok(Err(_)) => Err(gone),
+                            Ok(Err(_)) => Err(went_away(&owner)),
                             Err(_) => Err(unavailable(format!(
                                 "node {owner}, which serves this workspace, did not answer within {} ms; reconnect",
                                 timeout.as_millis()
@@ -112,6 +106,13 @@ impl Route {
             }
         }
     }
+}
+
+/// The answer to a request whose owner's link is lost.
+fn went_away(owner: &str) -> OpError {
+    unavailable(format!(
+        "node {owner}, which serves this workspace, went away; reconnect"
+    ))
 }
 
 fn unavailable(message: impl Into<String>) -> OpError {

@@ -229,6 +229,21 @@ impl TestServer {
     }
 
     /// Creates a user through the admin API; returns their token.
+    /// A new user made a member of `project` with `role`; their token.
+    pub async fn member(&self, admin: &str, project: i64, username: &str, role: &str) -> String {
+        let token = self.user(admin, username).await;
+        let (status, body) = self
+            .send(
+                reqwest::Method::POST,
+                &format!("/api/projects/{project}/members"),
+                Some(admin),
+                Some(serde_json::json!({"username": username, "role": role})),
+            )
+            .await;
+        assert_eq!(status, 200, "adding {username} as {role}: {body}");
+        token
+    }
+
     pub async fn user(&self, admin: &str, username: &str) -> String {
         let password = format!("{username}-password");
         let (status, body) = self

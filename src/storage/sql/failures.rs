@@ -82,19 +82,15 @@ pub(super) async fn failures(store: &SqlStore) -> StoreResult<Vec<Failure>> {
 }
 
 pub(super) async fn clear_failure(store: &SqlStore, key: &WorkspaceKey) -> StoreResult<bool> {
-    let done = sqlx::query(store.dialect.sql(
-        "DELETE FROM failed_workspaces \
-         WHERE project_id = $1 AND branch = $2 AND until_at > {now}",
+    // One statement: the row goes, expired or not, and says whether it was
+    // still in force (only that counts as a reset).
+    let in_force: Option<i64> = sqlx::query_scalar(store.dialect.sql(
+        "DELETE FROM failed_workspaces WHERE project_id = $1 AND branch = $2 \
+         RETURNING CASE WHEN until_at > {now} THEN 1 ELSE 0 END",
     ))
     .bind(key.project_id)
     .bind(key.branch.as_str())
-    .execute(&store.pool)
+    .fetch_optional(&store.pool)
     .await?;
-    // Expired rows go too, but only an unexpired one counts as a reset.
-    sqlx::query("DELETE FROM failed_workspaces WHERE project_id = $1 AND branch = $2")
-        .bind(key.project_id)
-        .bind(key.branch.as_str())
-        .execute(&store.pool)
-        .await?;
-    Ok(done.rows_affected() > 0)
+    Ok(in_force == Some(1))
 }
