@@ -24,8 +24,11 @@
 //! Nothing here makes a workspace wait on a slow client: events reach the
 //! socket through a bounded queue the workspace fills with `try_send` (a
 //! full queue detaches the session, and the socket is closed with a
-//! reason); replies are capped by the in-flight limit; a frame the client
-//! does not take within 10 s closes the socket. Every way a socket ends
+//! reason); replies are capped by the in-flight limit and by the
+//! connection's [`ReplyBudget`] (a request whose answer could be large is
+//! sent on only while the bytes its answer may take fit; until then the
+//! socket reads nothing more: backpressure, not buffering); a frame the
+//! client does not take within 10 s closes the socket. Every way a socket ends
 //! (close, error, missed pongs, slow reader, drain, a panic) removes the
 //! session through [`SessionGuard`].
 //!
@@ -44,7 +47,9 @@ use tokio_tungstenite::tungstenite;
 use super::AppState;
 use crate::cluster::{Cluster, Route};
 use crate::protocol::codec::{self, Request};
-use crate::protocol::{ErrorCode, Event, OpError, OpResult, PROTOCOL_VERSION, SessionId, Welcome};
+use crate::protocol::{
+    ErrorCode, Event, Op, OpError, OpKind, OpResult, PROTOCOL_VERSION, SessionId, Welcome,
+};
 use crate::storage::WorkspaceKey;
 use crate::workspace::{Responder, SessionInfo};
 
@@ -56,6 +61,9 @@ const MAX_IN_FLIGHT: usize = 256;
 const MISSED_PONGS: u32 = 2;
 /// Most frames written with one flush.
 const WRITE_BATCH: usize = 64;
+/// What a reply that is not large (see [`OpKind::large_reply`]) counts
+/// against the reply budget: a few fields, a path and a version.
+const SMALL_REPLY: u64 = 8 * 1024;
 
 /// Who connects to what, decided before the upgrade.
 pub struct Target {
@@ -70,8 +78,9 @@ fn binary(frame: Vec<u8>) -> Message {
 
 /// What the socket task writes, in order of arrival.
 enum Outgoing {
-    /// A workspace's answer to request `id`.
-    Reply(u64, OpResult),
+    /// A workspace's answer to request `id`, and what it was counted
+    /// against the reply budget.
+    Reply(u64, OpResult, u64),
     Frame(Message),
 }
 
@@ -108,17 +117,22 @@ async fn write_all(sink: &mut Sink, frames: Vec<Message>) -> bool {
 }
 
 /// Writes `first` and whatever the connection has queued behind it with
-/// one flush; false once the client is gone or too slow.
+/// one flush. Returns the reply budget the written replies held, or `None`
+/// once the client is gone or too slow.
 async fn write_queued(
     sink: &mut Sink,
     first: Outgoing,
     queue: &mut mpsc::UnboundedReceiver<Outgoing>,
-) -> bool {
+) -> Option<u64> {
     let mut frames = Vec::new();
+    let mut held = 0u64;
     let mut next = Some(first);
     while let Some(item) = next {
         frames.push(match item {
-            Outgoing::Reply(id, result) => binary(codec::reply_frame(id, result)),
+            Outgoing::Reply(id, result, cost) => {
+                held = held.saturating_add(cost);
+                binary(codec::reply_frame(id, result))
+            }
             Outgoing::Frame(message) => message,
         });
         next = if frames.len() < WRITE_BATCH {
@@ -127,7 +141,7 @@ async fn write_queued(
             None
         };
     }
-    write_all(sink, frames).await
+    write_all(sink, frames).await.then_some(held)
 }
 
 /// Whether reading failed because a frame or message was over the
@@ -205,6 +219,8 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
         node,
         max_frame: state.config.max_frame,
         in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        budget: ReplyBudget::for_frames(state.config.max_frame),
+        held_back: None,
         _guard: guard,
     };
     let mut keepalive = Keepalive::new(state.config.ping_interval);
@@ -213,7 +229,10 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
     tokio::pin!(draining);
     loop {
         tokio::select! {
-            frame = stream.next() => match frame {
+            // A request held back for the reply budget stops all reading
+            // (it keeps its place in line) until written replies free
+            // enough of the budget.
+            frame = stream.next(), if connection.held_back.is_none() => match frame {
                 Some(Err(err)) => {
                     if too_big(&err) {
                         let reason = format!(
@@ -234,9 +253,10 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                 )),
             },
             Some(item) = outgoing.recv() => {
-                if !write_queued(&mut sink, item, &mut outgoing).await {
+                let Some(freed) = write_queued(&mut sink, item, &mut outgoing).await else {
                     break;
-                }
+                };
+                connection.freed(freed);
             }
             event = incoming_events.recv() => match event {
                 Some(event) => {
@@ -258,7 +278,7 @@ pub(super) async fn serve(socket: WebSocket, state: AppState, target: Target) {
                     break;
                 }
             },
-            _ = keepalive.ticks.tick() => match keepalive.due() {
+            _ = keepalive.ticks.tick() => match keepalive.due(connection.held_back.is_some()) {
                 Ping::Send => {
                     if !write(&mut sink, Message::Ping(Vec::new().into())).await {
                         break;
@@ -319,7 +339,18 @@ struct Connection {
     node: String,
     max_frame: u64,
     in_flight: Arc<Semaphore>,
+    budget: ReplyBudget,
+    /// A request that waits for the reply budget; while it waits, the
+    /// socket reads nothing more.
+    held_back: Option<HeldBack>,
     _guard: SessionGuard,
+}
+
+/// A request read and checked, waiting for room in the reply budget.
+struct HeldBack {
+    id: u64,
+    op: Op,
+    permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connection {
@@ -333,7 +364,7 @@ impl Connection {
     fn answer(&self, id: Option<u64>, err: OpError) {
         match id {
             Some(id) => {
-                let _ = self.outbox.send(Outgoing::Reply(id, Err(err)));
+                let _ = self.outbox.send(Outgoing::Reply(id, Err(err), 0));
             }
             None => self.event(Event::from(err)),
         }
@@ -360,16 +391,90 @@ impl Connection {
             );
             return self.answer(Some(id), err);
         };
+        let held = HeldBack { id, op, permit };
+        if let Err(held) = self.dispatch(held) {
+            self.held_back = Some(held);
+        }
+    }
+
+    /// Sends a request on if the reply budget has room for its answer;
+    /// gives it back otherwise.
+    fn dispatch(&mut self, held: HeldBack) -> Result<(), HeldBack> {
+        let cost = self.budget.cost(held.op.kind());
+        if !self.budget.reserve(cost) {
+            return Err(held);
+        }
+        let HeldBack { id, op, permit } = held;
         // Sent in arrival order; the workspace (here or on its owner node)
         // answers straight into the socket's queue, so many requests can be
         // in flight. Undelivered, the responder answers `unavailable` by
         // itself.
         let outbox = self.outbox.clone();
         let reply = Responder::new(move |result| {
-            let _ = outbox.send(Outgoing::Reply(id, result));
+            let _ = outbox.send(Outgoing::Reply(id, result, cost));
             drop(permit);
         });
         self.route.send(&self.session.id, op, reply);
+        Ok(())
+    }
+
+    /// Gives back the budget of replies written, and sends on the request
+    /// held back if it now fits.
+    fn freed(&mut self, bytes: u64) {
+        self.budget.release(bytes);
+        if let Some(held) = self.held_back.take()
+            && let Err(held) = self.dispatch(held)
+        {
+            self.held_back = Some(held);
+        }
+    }
+}
+
+/// The bytes of answers one connection may have coming at once: each
+/// request sent on reserves what its answer could take (a frame for a
+/// [large](OpKind::large_reply) one, [`SMALL_REPLY`] otherwise) until that
+/// answer is written to the socket. A request that does not fit waits, and
+/// the socket reads nothing behind it, so a client that asks faster than
+/// it reads is slowed down instead of filling the server's memory.
+#[derive(Debug)]
+struct ReplyBudget {
+    /// Twice the frame limit: two large answers in flight, one being
+    /// written while the next is made.
+    limit: u64,
+    large: u64,
+    reserved: u64,
+}
+
+impl ReplyBudget {
+    fn for_frames(max_frame: u64) -> ReplyBudget {
+        ReplyBudget {
+            limit: max_frame.saturating_mul(2),
+            large: max_frame,
+            reserved: 0,
+        }
+    }
+
+    fn cost(&self, kind: OpKind) -> u64 {
+        if kind.large_reply() {
+            self.large
+        } else {
+            SMALL_REPLY
+        }
+    }
+
+    /// Takes `cost` from the budget if it fits. A connection with nothing
+    /// reserved may always send one request on, however large, so no
+    /// setting can stall it for good.
+    fn reserve(&mut self, cost: u64) -> bool {
+        let fits = self.reserved == 0 || self.reserved.saturating_add(cost) <= self.limit;
+        if fits {
+            self.reserved = self.reserved.saturating_add(cost);
+        }
+        fits
+    }
+
+    fn release(&mut self, cost: u64) {
+        self.reserved = self.reserved.saturating_sub(cost);
     }
 }
 
@@ -405,8 +510,13 @@ impl Keepalive {
         self.unanswered = 0;
     }
 
-    /// What to do at a tick.
-    fn due(&mut self) -> Ping {
+    /// What to do at a tick. While reads are `paused` (backpressure), a
+    /// pong could not be seen, so none counts as missed: the client is
+    /// meanwhile taking replies, or the write timeout ends the socket.
+    fn due(&mut self, paused: bool) -> Ping {
+        if paused {
+            self.unanswered = 0;
+        }
         if self.unanswered >= MISSED_PONGS {
             return Ping::GiveUp;
         }
@@ -422,11 +532,40 @@ mod tests {
     #[tokio::test]
     async fn a_socket_is_given_up_after_missed_pongs_and_kept_while_it_answers() {
         let mut keepalive = Keepalive::new(Duration::from_secs(1));
-        assert_eq!(keepalive.due(), Ping::Send);
+        assert_eq!(keepalive.due(false), Ping::Send);
         keepalive.pong();
         for _ in 0..MISSED_PONGS {
-            assert_eq!(keepalive.due(), Ping::Send);
+            assert_eq!(keepalive.due(false), Ping::Send);
         }
-        assert_eq!(keepalive.due(), Ping::GiveUp);
+        assert_eq!(keepalive.due(false), Ping::GiveUp);
+        // Reads paused: pongs cannot be seen, so none is missed.
+        assert_eq!(keepalive.due(true), Ping::Send);
+    }
+
+    #[test]
+    fn the_reply_budget_holds_two_large_answers_and_many_small_ones() {
+        let mut budget = ReplyBudget::for_frames(1024 * 1024);
+        let large = budget.cost(OpKind::ReadFile);
+        let small = budget.cost(OpKind::WriteFile);
+        assert_eq!((large, small), (1024 * 1024, SMALL_REPLY));
+        assert!(budget.reserve(large));
+        assert!(budget.reserve(large));
+        assert!(!budget.reserve(large), "a third large answer waits");
+        assert!(!budget.reserve(small), "so does anything behind it");
+        budget.release(large);
+        assert!(budget.reserve(large));
+        budget.release(2 * large);
+        for _ in 0..MAX_IN_FLIGHT {
+            assert!(budget.reserve(small), "small answers fit by the hundred");
+        }
+    }
+
+    #[test]
+    fn an_empty_budget_lets_one_request_through_whatever_its_size() {
+        let mut budget = ReplyBudget::for_frames(10);
+        assert!(budget.reserve(1 << 40));
+        assert!(!budget.reserve(1));
+        budget.release(1 << 40);
+        assert!(budget.reserve(1));
     }
 }

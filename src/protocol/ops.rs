@@ -20,7 +20,9 @@ pub type SessionId = String;
 /// may run it), `mutates` (it changes the working copy: journalled before
 /// it is applied, refused while another session holds the edit lock) and
 /// `reply` (the [`Reply`](super::Reply) variant that answers it, by wire
-/// name). A variant without a `role` needs the owner: missing metadata
+/// name) and `large_reply` (its answer can be as large as a frame: file
+/// contents, trees, diffs, logs, compile output; the connection bounds the
+/// bytes such replies may hold in memory). A variant without a `role` needs the owner: missing metadata
 /// fails closed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, strum::EnumDiscriminants)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -37,20 +39,40 @@ pub type SessionId = String;
 )]
 pub enum Op {
     /// Every file and directory below `path` (default: the root), `.git` excluded.
-    #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "tree")))]
+    #[strum_discriminants(strum(props(
+        role = "viewer",
+        mutates = false,
+        reply = "tree",
+        large_reply = true
+    )))]
     ListTree {
         #[serde(default)]
         path: Option<String>,
     },
-    #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "file")))]
+    #[strum_discriminants(strum(props(
+        role = "viewer",
+        mutates = false,
+        reply = "file",
+        large_reply = true
+    )))]
     ReadFile { path: String },
     /// The kind, size and version of one path, without its content.
-    #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "stat")))]
+    #[strum_discriminants(strum(props(
+        role = "viewer",
+        mutates = false,
+        reply = "stat",
+        large_reply = false
+    )))]
     Stat { path: String },
     /// Creates or replaces a file. `base_version`: the version the content
     /// was based on; absent means "create, the file must not exist".
     /// `force` skips the check.
-    #[strum_discriminants(strum(props(role = "editor", mutates = true, reply = "written")))]
+    #[strum_discriminants(strum(props(
+        role = "editor",
+        mutates = true,
+        reply = "written",
+        large_reply = false
+    )))]
     WriteFile {
         path: String,
         #[serde(with = "serde_bytes")]
@@ -62,56 +84,117 @@ pub enum Op {
     },
     /// Deletes a file (checked against `base_version` when given) or a
     /// directory with everything in it.
-    #[strum_discriminants(strum(props(role = "editor", mutates = true, reply = "done")))]
+    #[strum_discriminants(strum(props(
+        role = "editor",
+        mutates = true,
+        reply = "done",
+        large_reply = false
+    )))]
     DeletePath {
         path: String,
         #[serde(default)]
         base_version: Option<String>,
     },
-    #[strum_discriminants(strum(props(role = "editor", mutates = true, reply = "done")))]
+    #[strum_discriminants(strum(props(
+        role = "editor",
+        mutates = true,
+        reply = "done",
+        large_reply = false
+    )))]
     RenamePath { from: String, to: String },
-    #[strum_discriminants(strum(props(role = "editor", mutates = true, reply = "done")))]
+    #[strum_discriminants(strum(props(
+        role = "editor",
+        mutates = true,
+        reply = "done",
+        large_reply = false
+    )))]
     MakeDir { path: String },
     /// Takes or renews the exclusive edit lock for `ttl_ms` (default 30 s).
-    #[strum_discriminants(strum(props(role = "editor", mutates = false, reply = "lock_taken")))]
+    #[strum_discriminants(strum(props(
+        role = "editor",
+        mutates = false,
+        reply = "lock_taken",
+        large_reply = false
+    )))]
     Lock {
         #[serde(default)]
         ttl_ms: Option<u64>,
     },
-    #[strum_discriminants(strum(props(role = "editor", mutates = false, reply = "done")))]
+    #[strum_discriminants(strum(props(
+        role = "editor",
+        mutates = false,
+        reply = "done",
+        large_reply = false
+    )))]
     Unlock,
     /// Stores the working copy as a new snapshot version, if it changed.
-    #[strum_discriminants(strum(props(role = "editor", mutates = false, reply = "saved")))]
+    #[strum_discriminants(strum(props(
+        role = "editor",
+        mutates = false,
+        reply = "saved",
+        large_reply = false
+    )))]
     Save,
-    #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "compiled")))]
+    #[strum_discriminants(strum(props(
+        role = "viewer",
+        mutates = false,
+        reply = "compiled",
+        large_reply = true
+    )))]
     Compile { entry: String },
-    #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "status")))]
+    #[strum_discriminants(strum(props(
+        role = "viewer",
+        mutates = false,
+        reply = "status",
+        large_reply = true
+    )))]
     GitStatus,
-    #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "diff")))]
+    #[strum_discriminants(strum(props(
+        role = "viewer",
+        mutates = false,
+        reply = "diff",
+        large_reply = true
+    )))]
     GitDiff {
         #[serde(default)]
         path: Option<String>,
     },
     /// Commits every change, or only `paths`.
-    #[strum_discriminants(strum(props(role = "editor", mutates = true, reply = "committed")))]
+    #[strum_discriminants(strum(props(
+        role = "editor",
+        mutates = true,
+        reply = "committed",
+        large_reply = false
+    )))]
     GitCommit {
         message: String,
         #[serde(default)]
         paths: Option<Vec<String>>,
     },
-    #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "log")))]
+    #[strum_discriminants(strum(props(
+        role = "viewer",
+        mutates = false,
+        reply = "log",
+        large_reply = true
+    )))]
     GitLog {
         /// Any unsigned integer; the workspace keeps it between 1 and 1000.
         #[serde(default)]
         limit: Option<u64>,
     },
-    #[strum_discriminants(strum(props(role = "viewer", mutates = false, reply = "branches")))]
+    #[strum_discriminants(strum(props(
+        role = "viewer",
+        mutates = false,
+        reply = "branches",
+        large_reply = true
+    )))]
     GitBranches,
     /// Creates branch `name` from this branch's HEAD as a new workspace.
     #[strum_discriminants(strum(props(
         role = "editor",
         mutates = false,
-        reply = "branch_created"
+        reply = "branch_created",
+        large_reply = false
     )))]
     GitCreateBranch { name: String },
 }
@@ -157,6 +240,14 @@ impl OpKind {
     /// this op.
     pub fn reply_variant(self) -> &'static str {
         self.get_str("reply").unwrap_or("done")
+    }
+
+    /// Whether the answer can be as large as a frame (a file's content, a
+    /// tree, a diff, a log, compile output) rather than a few fields. A
+    /// kind that does not say counts as large: the connection's reply
+    /// budget then errs on the safe side.
+    pub fn large_reply(self) -> bool {
+        self.get_bool("large_reply").unwrap_or(true)
     }
 
     /// Whether `role` may run this op: `Err` says what is missing.
@@ -220,6 +311,10 @@ mod tests {
                 "{kind:?} says nothing of mutates"
             );
             assert!(kind.get_str("reply").is_some(), "{kind:?} names no reply");
+            assert!(
+                kind.get_bool("large_reply").is_some(),
+                "{kind:?} says nothing of large_reply"
+            );
             assert_eq!(OpKind::parse(kind.name()), Some(kind));
         }
     }

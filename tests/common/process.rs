@@ -80,6 +80,26 @@ impl Served {
         })
     }
 
+    /// The most memory the process has had resident so far (its VmHWM),
+    /// in bytes.
+    pub fn peak_memory(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the process's status");
+        let kib = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .expect("VmHWM in /proc/<pid>/status");
+        kib * 1024
+    }
+
     /// Sends a signal (SIGSTOP, SIGCONT, ...) without waiting.
     pub fn signal(&self, signal: i32) {
         let pid = i32::try_from(self.child.id()).expect("pid");
