@@ -282,6 +282,11 @@ pub struct Config {
     /// Most levels of one shape tree.
     #[arg(long, env = "BRANCHD_COMPILE_MAX_SHAPE_DEPTH", default_value_t = 256)]
     pub compile_max_shape_depth: u32,
+
+    /// Most memory one compile may hold at once (everything the script
+    /// builds: strings, arrays, maps, shapes, and the parsed files).
+    #[arg(long, env = "BRANCHD_COMPILE_MAX_MEMORY", default_value = "256MiB", value_parser = parse_size)]
+    pub compile_max_memory: u64,
 }
 
 /// The configuration's flags as a command of their own.

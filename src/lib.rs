@@ -50,3 +50,8 @@ pub mod server;
 pub mod shutdown;
 pub mod storage;
 pub mod workspace;
+
+/// The system allocator, counting what each compile holds (see
+/// [`compile::meter`]).
+#[global_allocator]
+static ALLOCATOR: compile::meter::Metered = compile::meter::Metered;

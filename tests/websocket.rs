@@ -44,7 +44,7 @@ async fn connect(server: &TestServer, token: &str, project: i64, branch: &str) -
 async fn event(client: &mut Client) -> Event {
     loop {
         match client.next_event(WAIT).await.expect("an event") {
-            Event::Presence { .. } => continue,
+            other if common::is_presence(&other) => continue,
             other => return other,
         }
     }
@@ -77,7 +77,7 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
         .request(Op::ListTree { path: None })
         .await
         .expect("list_tree");
-    let Reply::Tree { entries } = got else {
+    let Reply::Tree { entries, .. } = got else {
         panic!("expected Reply::Tree, got {got:?}");
     };
     assert_eq!(entries[0].path, "README.md");
@@ -197,7 +197,7 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
         })
         .await
         .expect("git_diff");
-    let Reply::Diff { diff } = got else {
+    let Reply::Diff { diff, .. } = got else {
         panic!("expected Reply::Diff, got {got:?}");
     };
     assert!(diff.contains("+v2"), "{diff}");
@@ -215,7 +215,7 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
         .request(Op::GitLog { limit: Some(5) })
         .await
         .expect("git_log");
-    let Reply::Log { commits } = got else {
+    let Reply::Log { commits, .. } = got else {
         panic!("expected Reply::Log, got {got:?}");
     };
     assert_eq!(commits.len(), 2);
@@ -232,7 +232,7 @@ async fn the_welcome_comes_first_and_every_op_answers(db: TestDb) {
     };
     assert_eq!(branch, "feature");
     let got = client.request(Op::GitBranches).await.expect("git_branches");
-    let Reply::Branches { branches } = got else {
+    let Reply::Branches { branches, .. } = got else {
         panic!("expected Reply::Branches, got {got:?}");
     };
     assert_eq!(branches, ["feature", "main"]);
@@ -254,14 +254,12 @@ async fn two_clients_see_each_others_edits_and_presence(db: TestDb) {
     let mut bob = connect(&server, &ed, project, "main").await;
     let bob_session = bob.welcome().session.clone();
 
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        match alice.next_event(WAIT).await.expect("presence") {
-            Event::Presence { sessions } => seen = sessions,
-            other => panic!("expected presence, got {other:?}"),
-        }
+    let mut seen = common::Present::default();
+    while seen.0.len() < 2 {
+        let event = alice.next_event(WAIT).await.expect("presence");
+        assert!(seen.follow(&event), "expected presence, got {event:?}");
     }
-    let users: Vec<&str> = seen.iter().map(|d| d.user.as_str()).collect();
+    let users: Vec<&str> = seen.0.values().map(String::as_str).collect();
     assert_eq!(users.len(), 2);
     assert!(
         users.contains(&"admin") && users.contains(&"ed"),
@@ -376,13 +374,11 @@ async fn two_clients_see_each_others_edits_and_presence(db: TestDb) {
     ));
 
     bob.close().await;
-    loop {
-        match alice.next_event(WAIT).await.expect("presence after leave") {
-            Event::Presence { sessions } if sessions.len() == 1 => break,
-            Event::Presence { .. } => continue,
-            other => panic!("expected presence, got {other:?}"),
-        }
+    while seen.0.len() > 1 {
+        let event = alice.next_event(WAIT).await.expect("presence after leave");
+        assert!(seen.follow(&event), "expected presence, got {event:?}");
     }
+    assert!(!seen.0.contains_key(&bob_session), "{seen:?}");
     alice.close().await;
     server.stop().await;
 }
@@ -579,7 +575,7 @@ async fn bad_frames_get_errors_and_the_connection_survives() {
 async fn next_error(client: &mut Client) -> Option<Event> {
     loop {
         match client.next_event(WAIT).await {
-            Some(Event::Presence { .. }) => continue,
+            Some(event) if common::is_presence(&event) => continue,
             other => return other,
         }
     }
@@ -949,7 +945,7 @@ async fn long_names_are_refused_by_name_and_any_log_limit_is_taken() {
         })
         .await
     {
-        Ok(Reply::Log { commits }) => assert!(!commits.is_empty()),
+        Ok(Reply::Log { commits, .. }) => assert!(!commits.is_empty()),
         other => panic!("expected the log, got {other:?}"),
     }
     server.stop().await;

@@ -32,6 +32,8 @@ on_both_backends!(
     every_bad_path_is_refused,
     the_working_dir_is_removed_when_the_actor_stops_or_is_killed,
     reads_and_writes_are_served_while_a_save_runs,
+    links_on_the_servers_disk_are_never_committed_and_never_stop_a_branch_opening,
+    writes_and_commits_keep_the_working_copy_within_its_limit_so_it_always_opens,
 );
 
 struct Fixture {
@@ -167,7 +169,7 @@ async fn a_workspace_activates_from_its_snapshot_and_sees_its_files(db: TestDb) 
         .expect("attach");
     assert_eq!(welcome.branch, "main");
     assert_eq!(welcome.head.len(), 40);
-    let Reply::Tree { entries } = workspace
+    let Reply::Tree { entries, .. } = workspace
         .op(&"olga".to_string(), Op::ListTree { path: None })
         .await
         .expect("list")
@@ -622,7 +624,7 @@ async fn delete_rename_and_make_dir_change_the_tree_and_are_announced(db: TestDb
         .op(&ada, Op::ListTree { path: None })
         .await
         .expect("list");
-    let Reply::Tree { entries } = got else {
+    let Reply::Tree { entries, .. } = got else {
         panic!("expected Reply::Tree, got {got:?}");
     };
     let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
@@ -705,7 +707,7 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         )
         .await
         .expect("diff");
-    let Reply::Diff { diff } = got else {
+    let Reply::Diff { diff, .. } = got else {
         panic!("expected Reply::Diff, got {got:?}");
     };
     assert_eq!(diff, git(copy.path(), &["diff", "HEAD", "--", "README.md"]));
@@ -713,7 +715,7 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         .op(&olga, Op::GitDiff { path: None })
         .await
         .expect("diff");
-    let Reply::Diff { diff: whole } = got else {
+    let Reply::Diff { diff: whole, .. } = got else {
         panic!("expected Reply::Diff, got {got:?}");
     };
     git(copy.path(), &["add", "--intent-to-add", "."]);
@@ -802,7 +804,7 @@ async fn git_status_diff_commit_and_log_match_the_git_cli(db: TestDb) {
         .op(&olga, Op::GitLog { limit: Some(10) })
         .await
         .expect("log");
-    let Reply::Log { commits } = got else {
+    let Reply::Log { commits, .. } = got else {
         panic!("expected Reply::Log, got {got:?}");
     };
     let copy = saved_copy(&fixture, &workspace, &fixture.key).await;
@@ -882,7 +884,7 @@ async fn create_branch_starts_a_new_workspace_at_the_source_head(db: TestDb) {
         .op(&olga, Op::GitBranches)
         .await
         .expect("branches");
-    let Reply::Branches { branches } = got else {
+    let Reply::Branches { branches, .. } = got else {
         panic!("expected Reply::Branches, got {got:?}");
     };
     assert_eq!(branches, ["feature/gears", "main"]);
@@ -897,6 +899,7 @@ async fn create_branch_starts_a_new_workspace_at_the_source_head(db: TestDb) {
         branch,
         head,
         changes,
+        ..
     } = got
     else {
         panic!("expected Reply::Status, got {got:?}");
@@ -1026,7 +1029,7 @@ async fn save_then_reactivation_restores_uncommitted_edits_byte_for_byte(db: Tes
         )
         .await
         .expect("empty dir survives");
-    let Reply::Tree { entries } = got else {
+    let Reply::Tree { entries, .. } = got else {
         panic!("expected Reply::Tree, got {got:?}");
     };
     assert!(entries.is_empty());
@@ -1154,13 +1157,211 @@ async fn every_bad_path_is_refused(db: TestDb) {
         .op(&"ada".to_string(), Op::ListTree { path: None })
         .await
         .expect("list");
-    let Reply::Tree { entries } = got else {
+    let Reply::Tree { entries, .. } = got else {
         panic!("expected Reply::Tree, got {got:?}");
     };
     assert!(
         entries.iter().all(|e| e.path != "link"),
         "links are not part of the tree"
     );
+}
+
+/// Issue 17, item 11: a symbolic link placed on the server's disk was
+/// committed, and branches made from that commit failed to open
+/// (`internal`). A commit now never records a link or special file, a
+/// snapshot never holds one, and a commit that holds one from before
+/// (made here by the git CLI) still gives a branch that opens without it.
+async fn links_on_the_servers_disk_are_never_committed_and_never_stop_a_branch_opening(db: TestDb) {
+    let fixture = Fixture::new(db).await;
+    let workspace = fixture.start().await;
+    let _ada = attach(&workspace, "ada", Role::Editor).await;
+    let _olga = attach(&workspace, "olga", Role::Owner).await;
+    let ada = "ada".to_string();
+    write(&workspace, "ada", "part.txt", b"part", None)
+        .await
+        .expect("write");
+    let dir = workspace.info().await.expect("info").dir;
+    std::os::unix::fs::symlink("/etc/passwd", dir.join("passwd-link")).expect("symlink");
+    std::fs::create_dir(dir.join("sub")).expect("dir");
+    std::os::unix::fs::symlink("../part.txt", dir.join("sub/inner-link")).expect("symlink");
+    let made = Command::new("mkfifo")
+        .arg(dir.join("pipe"))
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+
+    workspace
+        .op(
+            &ada,
+            Op::GitCommit {
+                message: "everything".into(),
+                paths: None,
+            },
+        )
+        .await
+        .expect("commit");
+    assert_eq!(
+        git(&dir, &["ls-tree", "-r", "--name-only", "HEAD"]),
+        "README.md\npart.txt\n",
+        "only plain files are committed"
+    );
+    for named in ["passwd-link", "sub"] {
+        let err = workspace
+            .op(
+                &ada,
+                Op::GitCommit {
+                    message: "the link".into(),
+                    paths: Some(vec![named.into()]),
+                },
+            )
+            .await
+            .expect_err(named);
+        assert!(
+            matches!(err.code, ErrorCode::NotFound | ErrorCode::Conflict),
+            "{named}: {err:?}"
+        );
+    }
+
+    // A commit holding a link from before (the git CLI records it).
+    git(&dir, &["add", "passwd-link"]);
+    git(
+        &dir,
+        &[
+            "-c",
+            "user.name=old",
+            "-c",
+            "user.email=old@example.com",
+            "commit",
+            "-qm",
+            "old link",
+        ],
+    );
+    let created = workspace
+        .op(
+            &ada,
+            Op::GitCreateBranch {
+                name: "feature".into(),
+            },
+        )
+        .await;
+    assert!(created.is_ok(), "{created:?}");
+    let feature = fixture
+        .start_branch("feature")
+        .await
+        .expect("the branch opens without the link");
+    let _olga_there = attach(&feature, "olga", Role::Owner).await;
+    let files = feature
+        .op(&"olga".to_string(), Op::ListTree { path: None })
+        .await;
+    let Ok(Reply::Tree { entries, .. }) = files else {
+        panic!("{files:?}");
+    };
+    let paths: Vec<&str> = entries.iter().map(|e| e.path.as_str()).collect();
+    assert!(
+        paths.contains(&"part.txt") && !paths.contains(&"passwd-link"),
+        "{paths:?}"
+    );
+
+    // Saved with the link and the FIFO still on disk: the snapshot leaves
+    // them out, and the branch opens again from it.
+    let copy = saved_copy(&fixture, &workspace, &fixture.key).await;
+    assert!(copy.path().join("part.txt").is_file());
+    assert!(std::fs::symlink_metadata(copy.path().join("passwd-link")).is_err());
+    assert!(std::fs::symlink_metadata(copy.path().join("pipe")).is_err());
+    workspace.stop().await;
+    fixture.start().await;
+}
+
+/// Issue 17, item 7: with `BRANCHD_MAX_WORKSPACE=20MiB`, three 8 MiB
+/// writes succeeded, the save too, and the branch then answered
+/// `too_large` forever. Now a write or commit that would take the working
+/// copy (history included) past the limit is refused, and what was
+/// accepted saves and opens again.
+async fn writes_and_commits_keep_the_working_copy_within_its_limit_so_it_always_opens(db: TestDb) {
+    const LIMIT: u64 = 2 << 20;
+    const SIZE: usize = 450 << 10;
+    let fixture = Fixture::with(db, |config| config.max_workspace = LIMIT).await;
+    let workspace = fixture.start().await;
+    let _ada = attach(&workspace, "ada", Role::Editor).await;
+    let _olga = attach(&workspace, "olga", Role::Owner).await;
+    let ada = "ada".to_string();
+    // Incompressible, so git's copy costs as much as the file.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut noise = || -> Vec<u8> {
+        (0..SIZE)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect()
+    };
+    let mut versions = Vec::new();
+    for i in 0..4 {
+        let version = write(&workspace, "ada", &format!("part-{i}.bin"), &noise(), None)
+            .await
+            .expect("within the limit");
+        versions.push(version);
+    }
+    let refused = write(&workspace, "ada", "part-4.bin", &noise(), None)
+        .await
+        .expect_err("past the limit");
+    assert_eq!(refused.code, ErrorCode::TooLarge, "{}", refused.message);
+    assert!(
+        refused.message.contains("BRANCHD_MAX_WORKSPACE"),
+        "{}",
+        refused.message
+    );
+    // Replacing a file with one of the same size takes no more room.
+    write(
+        &workspace,
+        "ada",
+        "part-0.bin",
+        &noise(),
+        Some(&versions[0]),
+    )
+    .await
+    .expect("a replacement fits");
+
+    let commit = |message: &str| Op::GitCommit {
+        message: message.into(),
+        paths: None,
+    };
+    let refused = workspace
+        .op(&ada, commit("all of it"))
+        .await
+        .expect_err("history would take it past the limit");
+    assert_eq!(refused.code, ErrorCode::TooLarge, "{}", refused.message);
+    for i in 1..4 {
+        workspace
+            .op(
+                &ada,
+                Op::DeletePath {
+                    path: format!("part-{i}.bin"),
+                    base_version: None,
+                },
+            )
+            .await
+            .expect("delete");
+    }
+    workspace
+        .op(&ada, commit("what fits"))
+        .await
+        .expect("a commit that fits");
+
+    let saved = workspace
+        .op(&"olga".to_string(), Op::Save)
+        .await
+        .expect("the save fits");
+    assert!(
+        matches!(saved, Reply::Saved { saved: true, .. }),
+        "{saved:?}"
+    );
+    workspace.stop().await;
+    let again = fixture.start().await;
+    let _olga = attach(&again, "olga", Role::Owner).await;
+    assert!(read(&again, "olga", "part-0.bin").await.is_ok());
 }
 
 async fn the_working_dir_is_removed_when_the_actor_stops_or_is_killed(db: TestDb) {
@@ -1339,7 +1540,7 @@ mod journal {
             .op(&olga, Op::GitLog { limit: Some(1) })
             .await
             .expect("log");
-        let Reply::Log { commits } = got else {
+        let Reply::Log { commits, .. } = got else {
             panic!("expected Reply::Log, got {got:?}");
         };
         assert_eq!(commits[0].id, commit, "replay makes the very same commit");
@@ -1347,7 +1548,7 @@ mod journal {
             .op(&olga, Op::ListTree { path: None })
             .await
             .expect("list");
-        let Reply::Tree { entries } = got else {
+        let Reply::Tree { entries, .. } = got else {
             panic!("expected Reply::Tree, got {got:?}");
         };
         assert!(entries.iter().any(|e| e.path == "empty"), "{entries:?}");

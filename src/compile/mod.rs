@@ -9,13 +9,17 @@
 //! - [`rhai`]: the default compiler, Rhai scripts with a small CAD API.
 //! - [`shape`]: the CSG tree a compile produces, and its bounding box.
 //!
+//! - [`meter`]: the memory a compile holds, counted as it allocates.
+//!
 //! Compiling is blocking, CPU-bound work on client input: it runs on a
 //! thread of its own (see the workspace actor), never on the async
-//! threads, under the node's limits ([`CompileLimits`]). Nothing here may
+//! threads, under the node's limits ([`CompileLimits`]), its wall time
+//! covering parsing as well as running. Nothing here may
 //! read outside the working copy or panic on anything a script does: every
 //! problem a script has becomes a [`Diagnostic`].
 
 pub mod engine;
+pub mod meter;
 pub mod rhai;
 pub mod shape;
 
@@ -80,6 +84,8 @@ pub struct CompileLimits {
     pub max_shape_nodes: u64,
     /// Levels of one shape tree.
     pub max_shape_depth: u32,
+    /// Bytes one compile may hold at once ([`meter`]).
+    pub max_memory: u64,
     /// Largest source file read.
     pub max_file: u64,
     /// Longest path an import may name.
@@ -99,6 +105,7 @@ impl CompileLimits {
             max_modules: config.compile_max_modules,
             max_shape_nodes: config.compile_max_shape_nodes,
             max_shape_depth: config.compile_max_shape_depth,
+            max_memory: config.compile_max_memory,
             max_file: config.max_file,
             max_path: config.max_path,
         }
@@ -143,6 +150,14 @@ impl CompileSettings {
     }
 }
 
+/// How long past its deadline a compile is waited for before its caller
+/// is answered without it.
+const OVERRUN: Duration = Duration::from_secs(2);
+
+/// A compile that held more than this gives the free memory back to the
+/// system when it ends.
+const GIVE_BACK_AFTER: u64 = 64 << 20;
+
 /// The stack of a compile thread. Evaluating scripts is recursive (calls,
 /// nested expressions, nested imports); with this much stack the script
 /// limits, not the thread's stack, are what a script runs into.
@@ -166,18 +181,41 @@ impl CompileSettings {
             .await
             .map_err(|e| OpError::internal("waiting for a compile slot", e))?;
         let limits = self.limits.clone();
+        let timeout = limits.timeout;
+        let entry_name = entry.to_string();
         let (done, result) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("branchd-compile".into())
             .stack_size(COMPILE_STACK)
             .spawn(move || {
-                let _ = done.send(cache.compile(&entry, &limits));
+                let meter = meter::Meter::start();
+                let compiled = cache.compile(&entry, &limits);
+                let peak = meter.peak();
+                drop(meter);
+                let _ = done.send(compiled);
+                drop(cache);
                 drop(slot);
+                if peak > GIVE_BACK_AFTER {
+                    meter::give_back();
+                }
             })
             .map_err(|e| OpError::internal("starting a compile thread", e))?;
-        result
-            .await
-            .map_err(|_| OpError::internal("compiling", "the compile thread panicked"))?
+        // The compiler stops itself at its deadline, parsing included; this
+        // is the backstop should a step of it not look at the clock. The
+        // caller is answered and the thread left to finish: it keeps its
+        // compile slot and the workspace's cache until it does, so it still
+        // counts against BRANCHD_COMPILE_CONCURRENCY.
+        match tokio::time::timeout(timeout + OVERRUN, result).await {
+            Ok(compiled) => compiled
+                .map_err(|_| OpError::internal("compiling", "the compile thread panicked"))?,
+            Err(_) => {
+                tracing::warn!(
+                    timeout_ms = timeout.as_millis() as u64,
+                    "a compile ran past its deadline; answered, and left to finish"
+                );
+                Ok(Compiled::overran(&entry_name, timeout))
+            }
+        }
     }
 }
 

@@ -23,11 +23,12 @@ use std::time::Instant;
 
 use rhai::packages::{Package, StandardPackage};
 use rhai::{
-    AST, ASTNode, Dynamic, Engine, EvalAltResult, Expr, Module, ModuleResolver, ParseErrorType,
-    Position, Scope, Shared, Stmt,
+    AST, ASTNode, Dynamic, Engine, EvalAltResult, Expr, ImmutableString, Module, ModuleResolver,
+    NativeCallContext, ParseErrorType, Position, Scope, Shared, Stmt,
 };
 use serde::{Deserialize, Serialize};
 
+use super::meter::Meter;
 use super::shape::{Shape, Solid};
 use super::{Budget, Compiler, Dep, Diagnostic, DiagnosticKind, Import, ModuleValue, Parsed, Unit};
 
@@ -35,6 +36,23 @@ type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
 /// What `on_progress` aborts a script with when the wall time is up.
 const TIMEOUT_TOKEN: &str = "branchd: compile timeout";
+/// What `on_progress` aborts a script with when the compile holds more
+/// than `BRANCHD_COMPILE_MAX_MEMORY`.
+const MEMORY_TOKEN: &str = "branchd: compile memory";
+/// Tokens parsed between two looks at the clock and the memory meter.
+const TOKENS_PER_CHECK: u64 = 1024;
+
+/// Why a compile must stop now, if it must: past its deadline, or holding
+/// more memory than it may.
+fn over_budget(deadline: Instant, max_memory: u64) -> Option<&'static str> {
+    if Meter::live() > max_memory {
+        Some(MEMORY_TOKEN)
+    } else if Instant::now() >= deadline {
+        Some(TIMEOUT_TOKEN)
+    } else {
+        None
+    }
+}
 
 /// The Rhai CAD compiler. Cheap to share: the standard library and the CAD
 /// built-ins are built once and shared by every engine it makes.
@@ -68,10 +86,29 @@ impl RhaiCompiler {
             .set_max_array_size(limits.max_array_size.max(1))
             .set_max_map_size(limits.max_map_size.max(1))
             .set_max_modules(limits.max_modules.max(1));
-        let deadline = budget.deadline;
+        let (deadline, max_memory) = (budget.deadline, limits.max_memory);
         engine.on_progress(move |operations| {
-            // A clock read every 256 operations keeps the check cheap.
+            // Memory is looked at every operation (a thread-local read):
+            // one operation can allocate a value as large as the per-value
+            // limits allow. A clock read every 256 keeps time cheap.
+            if Meter::live() > max_memory {
+                return Some(MEMORY_TOKEN.into());
+            }
             (operations % 256 == 0 && Instant::now() >= deadline).then(|| TIMEOUT_TOKEN.into())
+        });
+        // Parsing has no progress callback; a token mapper sees every
+        // token, so the wall time and the memory bound cover parsing too
+        // (a huge file would otherwise parse for minutes).
+        let tokens = std::sync::atomic::AtomicU64::new(0);
+        #[allow(deprecated)] // "volatile", not deprecated: see its docs
+        engine.on_parse_token(move |token, _, _| {
+            let seen = tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if seen.is_multiple_of(TOKENS_PER_CHECK)
+                && let Some(reason) = over_budget(deadline, max_memory)
+            {
+                return rhai::Token::LexError(Box::new(rhai::LexError::Runtime(reason.into())));
+            }
+            token
         });
         engine.set_module_resolver(Resolver(modules));
         engine
@@ -113,6 +150,12 @@ impl Compiler for RhaiCompiler {
             let kind = match *err.0 {
                 ParseErrorType::ExprTooDeep | ParseErrorType::LiteralTooLarge(..) => {
                     DiagnosticKind::Limit
+                }
+                ParseErrorType::BadInput(rhai::LexError::Runtime(ref reason))
+                    if reason == TIMEOUT_TOKEN || reason == MEMORY_TOKEN =>
+                {
+                    let message = stopped(reason, budget);
+                    return vec![at(file, err.1, DiagnosticKind::Limit, message)];
                 }
                 _ => DiagnosticKind::Syntax,
             };
@@ -364,6 +407,21 @@ fn at(file: &str, position: Position, kind: DiagnosticKind, message: String) -> 
     }
 }
 
+/// What a compile stopped by [`over_budget`] for `reason` is told.
+fn stopped(reason: &str, budget: &Budget) -> String {
+    if reason == MEMORY_TOKEN {
+        format!(
+            "the compile held more than {} bytes (BRANCHD_COMPILE_MAX_MEMORY): build less",
+            budget.limits.max_memory
+        )
+    } else {
+        format!(
+            "the compile ran out of time ({} ms, BRANCHD_COMPILE_TIMEOUT)",
+            budget.limits.timeout.as_millis()
+        )
+    }
+}
+
 /// A runtime error as a diagnostic: unwrapped to its cause, placed in the
 /// file and at the line where it happened (inside an imported function,
 /// that function's file), with the calls that led there named.
@@ -400,13 +458,10 @@ fn runtime(file: &str, err: &EvalAltResult, budget: &Budget) -> Diagnostic {
                 limits.max_call_depth
             ),
         ),
-        EvalAltResult::ErrorTerminated(..) => (
-            DiagnosticKind::Limit,
-            format!(
-                "the compile ran out of time ({} ms, BRANCHD_COMPILE_TIMEOUT)",
-                limits.timeout.as_millis()
-            ),
-        ),
+        EvalAltResult::ErrorTerminated(token, _) => {
+            let reason = token.clone().into_string().unwrap_or_default();
+            (DiagnosticKind::Limit, stopped(&reason, budget))
+        }
         EvalAltResult::ErrorTooManyModules(_) => (
             DiagnosticKind::Limit,
             format!(
@@ -578,6 +633,52 @@ fn cad_module(max_nodes: u64, max_depth: u32) -> Shared<Module> {
         let refs: Vec<&Solid> = solids.iter().collect();
         checked(Solid::node(|children| Shape::Union { children }, &refs))
     });
+    // `replace` can make one string far larger than those it is given
+    // (each match of a short string replaced by a long one, quadratic in
+    // the worst case): the result's size is checked before it is built,
+    // where the engine would check it only after. These shadow the
+    // standard library's `replace` (modules registered later win).
+    module.set_native_fn(
+        "replace",
+        |cx: NativeCallContext, text: &mut ImmutableString, find: &str, with: &str| {
+            let found = text.matches(find).count();
+            replaced_fits(&cx, text.len(), found, find.len(), with.len())?;
+            *text = text.replace(find, with).into();
+            Ok(())
+        },
+    );
+    module.set_native_fn(
+        "replace",
+        |cx: NativeCallContext, text: &mut ImmutableString, find: char, with: &str| {
+            let found = text.matches(find).count();
+            replaced_fits(&cx, text.len(), found, find.len_utf8(), with.len())?;
+            *text = text.replace(find, with).into();
+            Ok(())
+        },
+    );
     module.build_index();
     Shared::new(module)
+}
+
+/// `ErrorDataTooLarge` if replacing `found` matches of `find` bytes with
+/// `with` bytes in a string of `len` bytes would make it longer than the
+/// engine's string limit.
+fn replaced_fits(
+    cx: &NativeCallContext,
+    len: usize,
+    found: usize,
+    find: usize,
+    with: usize,
+) -> RhaiResult<()> {
+    let max = cx.engine().max_string_size();
+    let after = len
+        .saturating_sub(found.saturating_mul(find))
+        .saturating_add(found.saturating_mul(with));
+    if max > 0 && after > max {
+        return Err(Box::new(EvalAltResult::ErrorDataTooLarge(
+            format!("a string of {after} bytes (BRANCHD_COMPILE_MAX_STRING is {max})"),
+            cx.call_position(),
+        )));
+    }
+    Ok(())
 }

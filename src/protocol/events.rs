@@ -92,9 +92,15 @@ pub enum Event {
         stats: CompileStats,
         by: Doer,
     },
-    /// Who is in the workspace now; sent to everyone on every join and leave.
+    /// Everyone in the workspace now: sent to a session when it joins.
     Presence {
         sessions: Vec<Doer>,
+    },
+    /// Who joined and who left since the last announcement: sent to every
+    /// session, at most one every 100 ms per workspace.
+    PresenceChanged {
+        joined: Vec<Doer>,
+        left: Vec<SessionId>,
     },
     /// The workspace was restarted after a crash, from its last durable
     /// state; the session stays attached. Re-read what is on screen.

@@ -64,13 +64,17 @@ pub(super) async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpEr
     let replayed = records.len();
     let journal_seq = records.last().map_or(snapshot.meta.journal_seq, |r| r.seq);
     let limits = settings.files.clone();
+    let key_shown = key.to_string();
     let files = blocking("unpacking the snapshot", move || {
-        snapshot::unpack(&data, &path, max_bytes).map_err(|e| match e {
+        let unpacked = snapshot::unpack(&data, &path, max_bytes).map_err(|e| match e {
             snapshot::SnapshotError::TooLarge { .. } => OpError::too_large(format!(
                 "the snapshot is larger than BRANCHD_MAX_WORKSPACE: {e}"
             )),
             other => OpError::internal("unpacking the snapshot", other),
         })?;
+        for path in &unpacked.skipped {
+            tracing::error!(workspace = %key_shown, snapshot_version = version, %path, "snapshot entry left out: it is neither a plain file nor a directory (a symbolic link or special file); the branch opens without it");
+        }
         git2::Repository::open(&path)
             .map_err(|e| OpError::internal("opening the snapshot's repository", e))?;
         let mut files = Files::open(&path, limits)
@@ -104,6 +108,9 @@ pub(super) async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpEr
         journal_seq,
         saves: Saves::default(),
         stale: false,
+        presence: Default::default(),
+        presence_due: false,
+        undelivered: Default::default(),
         dirty_since: replayed_at,
         last_change: replayed_at,
         files,

@@ -20,6 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use super::activation::activate;
 use super::messages::WorkspaceMsg;
 use super::ops;
+use super::presence::PRESENCE_BATCH;
 use super::save::SaveWaiter;
 use super::settings::WorkspaceArgs;
 use super::state::WorkspaceState;
@@ -80,6 +81,7 @@ impl Actor for WorkspaceActor {
             WorkspaceMsg::SaveDone { result } => state.save_done(&myself, result).await,
             WorkspaceMsg::LockExpired { generation } => state.expire_lock(Some(generation)),
             WorkspaceMsg::AutosaveTick => state.autosave(&myself).await,
+            WorkspaceMsg::PresenceTick => state.announce_presence(),
             WorkspaceMsg::Compiled {
                 entry,
                 compiled,
@@ -87,6 +89,10 @@ impl Actor for WorkspaceActor {
             } => ops::compile::compiled(state, entry, compiled, by),
             #[cfg(any(test, feature = "fault-injection"))]
             WorkspaceMsg::Panic => panic!("test-requested panic"),
+        }
+        if state.presence_due {
+            state.presence_due = false;
+            myself.send_after(PRESENCE_BATCH, || WorkspaceMsg::PresenceTick);
         }
         if state.stale {
             // Its journal and working copy may differ (see `record`): stop;

@@ -80,7 +80,12 @@ impl Change {
             Change::Delete(record) => file_ops::apply_delete(files, record).map(drop),
             Change::Rename(record) => file_ops::apply_rename(files, record),
             Change::MakeDir(record) => file_ops::apply_make_dir(files, record),
-            Change::Commit(record) => git_ops::apply_commit(dir, record).map(drop),
+            Change::Commit(record) => {
+                git_ops::apply_commit(dir, record)?;
+                files
+                    .measure()
+                    .map_err(|e| OpError::internal("measuring the working copy", e))
+            }
         }
     }
 }

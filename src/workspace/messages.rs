@@ -93,6 +93,8 @@ pub enum WorkspaceMsg {
     },
     /// Time to check whether unsaved changes are due for saving.
     AutosaveTick,
+    /// Time to tell everyone who joined and left (see `super::presence`).
+    PresenceTick,
     /// A compile that `by` asked for finished (its reply is already
     /// sent): tell the other sessions.
     Compiled {
@@ -122,6 +124,16 @@ pub struct Responder(Option<Box<dyn FnOnce(OpResult) + Send>>);
 impl Responder {
     pub fn new(deliver: impl FnOnce(OpResult) + Send + 'static) -> Responder {
         Responder(Some(Box::new(deliver)))
+    }
+
+    /// A responder that hands `change(result)` to this one.
+    pub fn map(mut self, change: impl FnOnce(OpResult) -> OpResult + Send + 'static) -> Responder {
+        let deliver = self.0.take();
+        Responder::new(move |result| {
+            if let Some(deliver) = deliver {
+                deliver(change(result));
+            }
+        })
     }
 
     pub fn send(mut self, result: OpResult) {

@@ -29,6 +29,7 @@ mod lock;
 mod messages;
 mod ops;
 pub mod paths;
+mod presence;
 pub mod repo;
 mod save;
 mod settings;

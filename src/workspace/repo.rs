@@ -217,6 +217,21 @@ pub fn diff(dir: &Path, path: Option<&WorkPath>) -> Result<String, OpError> {
     Ok(String::from_utf8_lossy(&text).into_owned())
 }
 
+/// Whether git may stage what is at `path`: anything but a symbolic link or
+/// a special file (a FIFO, a socket, a device) someone put on the server's
+/// disk, which a commit never records (a snapshot could not hold it). A
+/// path that is gone may be staged: that is a deletion. Used as the
+/// callback of `add_all`/`update_all` (0 stages, 1 skips).
+fn stageable(dir: &Path, path: &Path) -> i32 {
+    match std::fs::symlink_metadata(dir.join(path)) {
+        Ok(meta) if !meta.is_file() && !meta.is_dir() => {
+            tracing::warn!(path = %path.display(), "not committed: a symbolic link or special file");
+            1
+        }
+        _ => 0,
+    }
+}
+
 /// Stages one named path exactly (never as a pattern): a file, a directory
 /// and everything below it, or a path gone from the work tree (a deletion).
 /// A path that is neither in the work tree nor in HEAD is `NotFound`.
@@ -224,18 +239,29 @@ fn stage_path(index: &mut git2::Index, dir: &Path, path: &WorkPath) -> Result<()
     let name = path.as_str();
     let below = format!("{name}/");
     let on_disk = dir.join(name);
-    if on_disk.is_file() {
+    let meta = std::fs::symlink_metadata(&on_disk).ok();
+    if meta.as_ref().is_some_and(|m| m.is_file()) {
         return index.add_path(Path::new(name));
     }
     let tracked = index
         .iter()
         .any(|entry| entry.path == name.as_bytes() || entry.path.starts_with(below.as_bytes()));
-    if on_disk.is_dir() {
+    if meta.as_ref().is_some_and(|m| m.is_dir()) {
         let mut only_below = |found: &Path, _spec: &[u8]| -> i32 {
-            i32::from(!found.to_str().is_some_and(|f| f.starts_with(&below)))
+            if !found.to_str().is_some_and(|f| f.starts_with(&below)) {
+                return 1;
+            }
+            stageable(dir, found)
         };
         index.add_all(["*"], IndexAddOption::DEFAULT, Some(&mut only_below))?;
         return index.update_all(["*"], Some(&mut only_below));
+    }
+    if meta.is_some() {
+        return Err(git2::Error::new(
+            git2::ErrorCode::NotFound,
+            git2::ErrorClass::Index,
+            format!("{name:?} is a symbolic link or special file, which is never committed"),
+        ));
     }
     if !tracked {
         return Err(git2::Error::new(
@@ -285,9 +311,12 @@ fn stage(
         .index()
         .map_err(|e| git_error("reading the index", e))?;
     let staged = match paths {
-        None => index
-            .add_all(["*"], IndexAddOption::DEFAULT, None)
-            .and_then(|()| index.update_all(["*"], None)),
+        None => {
+            let mut plain = |found: &Path, _spec: &[u8]| stageable(dir, found);
+            index
+                .add_all(["*"], IndexAddOption::DEFAULT, Some(&mut plain))
+                .and_then(|()| index.update_all(["*"], Some(&mut plain)))
+        }
         Some([]) => {
             return Err(OpError::bad_request(
                 "paths is empty: omit it to commit everything",
@@ -321,6 +350,33 @@ fn stage(
         message,
         signature,
     })
+}
+
+/// The most a commit of every change (or of those at `paths`) can add to
+/// the repository: the content of each new or changed file (git stores
+/// it compressed, so no more) and room for its tree entries, plus the
+/// commit itself.
+pub fn commit_growth(dir: &Path, paths: Option<&[WorkPath]>) -> Result<u64, OpError> {
+    const PER_CHANGE: u64 = 512;
+    let named = |path: &str| {
+        paths.is_none_or(|paths| {
+            paths
+                .iter()
+                .any(|p| p.is_root() || p.as_str() == path || path.starts_with(&format!("{p}/")))
+        })
+    };
+    let growth = status(dir)?
+        .iter()
+        .filter(|change| change.status != "deleted" && named(&change.path))
+        .map(|change| {
+            let size = std::fs::symlink_metadata(dir.join(&change.path))
+                .ok()
+                .filter(|meta| meta.is_file())
+                .map_or(0, |meta| meta.len());
+            size + size / 100 + PER_CHANGE
+        })
+        .sum::<u64>();
+    Ok(growth + 4096)
 }
 
 /// Checks that [`commit`] with these arguments would succeed, without

@@ -185,17 +185,25 @@ impl WorkspaceState {
         });
         let journal_seq = self.journal_seq;
         self.saves.started(journal_seq, waiters);
-        let (store, key, fence, keep) = (
+        let (store, key, fence, keep, max_bytes) = (
             self.store.clone(),
             self.key.clone(),
             self.fence.clone(),
             self.settings.snapshots_kept,
+            self.settings.max_workspace,
         );
         let myself = myself.clone();
         self.settings.tasks.spawn(async move {
             let packed = blocking("packing the working dir", move || {
-                snapshot::pack(copy.path())
-                    .map_err(|e| OpError::internal("packing the working dir", e))
+                // Never a snapshot activation would refuse: the changes
+                // stay journalled instead, and the branch keeps opening.
+                snapshot::pack_within(copy.path(), max_bytes).map_err(|e| match e {
+                    snapshot::SnapshotError::TooLarge { limit } => OpError::too_large(format!(
+                        "the working copy holds more than BRANCHD_MAX_WORKSPACE ({limit} bytes, \
+                         history included) and cannot be saved: delete files"
+                    )),
+                    other => OpError::internal("packing the working dir", other),
+                })
             })
             .await;
             let result = match packed {

@@ -15,6 +15,10 @@ use crate::compile::CompileSettings;
 use crate::config::Config;
 use crate::storage::{Fence, Store, WorkspaceKey};
 
+/// What a frame holds besides the answer in it (its id, keys, a file's
+/// path and version): the answer's bound is the frame limit less this.
+const FRAME_SLACK: u64 = 4096;
+
 /// Everything about the service a workspace needs, taken from [`Config`].
 #[derive(Debug, Clone)]
 pub struct WorkspaceSettings {
@@ -22,6 +26,9 @@ pub struct WorkspaceSettings {
     pub root: PathBuf,
     pub files: FileLimits,
     pub max_path: usize,
+    /// Most bytes an answer may take (see [`crate::protocol::Reply::fit`]):
+    /// the frame limit less room for the frame around it.
+    pub max_reply: usize,
     /// Most bytes a snapshot may unpack to.
     pub max_workspace: u64,
     pub snapshots_kept: u32,
@@ -51,10 +58,13 @@ impl WorkspaceSettings {
             root: config.workspace_dir(),
             files: FileLimits {
                 max_file: config.max_file,
-                max_read: config.max_frame.saturating_sub(4096),
+                max_read: config.max_frame.saturating_sub(FRAME_SLACK),
+                max_total: config.max_workspace,
                 cache: CachePool::new(config.file_cache),
             },
             max_path: config.max_path,
+            max_reply: usize::try_from(config.max_frame.saturating_sub(FRAME_SLACK))
+                .unwrap_or(usize::MAX),
             max_workspace: config.max_workspace,
             snapshots_kept: config.snapshots_kept,
             lock_ttl: config.lock_ttl,

@@ -1,10 +1,15 @@
 //! Snapshots: a whole working dir (with `.git`, so uncommitted work too) as
 //! one tar.gz blob, and back.
 //!
-//! Unpacking treats the archive as untrusted input: every entry must be a
-//! plain file or directory with a relative path that stays inside the
-//! destination, and the total size is capped, so a crafted or corrupted
-//! snapshot can never write outside its working dir or fill the disk.
+//! A snapshot holds plain files and directories only: packing leaves out
+//! symbolic links and special files (someone may have put one on the
+//! server's disk), naming each in the log, and unpacking skips any such
+//! entry an older snapshot holds, reporting it, so a branch always opens.
+//!
+//! Unpacking treats the archive as untrusted input: every entry must have a
+//! relative path that stays inside the destination, and the total size is
+//! capped, so a crafted or corrupted snapshot can never write outside its
+//! working dir or fill the disk.
 
 use std::io;
 use std::path::{Component, Path};
@@ -25,22 +30,57 @@ pub enum SnapshotError {
 }
 
 /// What unpacking produced.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Unpacked {
     pub files: u64,
     pub dirs: u64,
     pub bytes: u64,
+    /// Entries left out: neither a plain file nor a directory (a symbolic
+    /// link, a device...), by path.
+    pub skipped: Vec<String>,
 }
 
-/// Packs the contents of `dir` (paths relative to it) into a tar.gz blob.
-/// Symbolic links are stored as links, never followed.
+/// Packs the plain files and directories of `dir` (paths relative to it)
+/// into a tar.gz blob. Symbolic links and special files are left out (a
+/// snapshot could not be opened with them) and named in a warning.
 pub fn pack(dir: &Path) -> io::Result<Vec<u8>> {
+    pack_within(dir, u64::MAX).map_err(|e| match e {
+        SnapshotError::Io(err) => err,
+        other => io::Error::other(other),
+    })
+}
+
+/// [`pack`], refusing (`TooLarge`) a working dir whose files hold more
+/// than `max_bytes`: a snapshot that [`unpack`] would refuse with the same
+/// limit is never made.
+pub fn pack_within(dir: &Path, max_bytes: u64) -> Result<Vec<u8>, SnapshotError> {
+    let mut bytes = 0u64;
     let encoder = GzEncoder::new(Vec::new(), Compression::fast());
     let mut builder = tar::Builder::new(encoder);
     builder.follow_symlinks(false);
     builder.mode(tar::HeaderMode::Complete);
-    builder.append_dir_all(".", dir)?;
-    builder.into_inner()?.finish()
+    let mut pending = vec![std::path::PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let mut entries = std::fs::read_dir(dir.join(&relative))?.collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|entry| entry.file_name());
+        for entry in entries {
+            let path = relative.join(entry.file_name());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                builder.append_dir(&path, entry.path())?;
+                pending.push(path);
+            } else if kind.is_file() {
+                bytes = bytes.saturating_add(entry.metadata()?.len());
+                if bytes > max_bytes {
+                    return Err(SnapshotError::TooLarge { limit: max_bytes });
+                }
+                builder.append_path_with_name(entry.path(), &path)?;
+            } else {
+                tracing::warn!(path = %path.display(), "left out of the snapshot: not a plain file or directory (a symbolic link or special file)");
+            }
+        }
+    }
+    Ok(builder.into_inner()?.finish()?)
 }
 
 /// Makes `into` (an existing, empty dir on the same file system) a copy
@@ -105,10 +145,8 @@ pub fn unpack(data: &[u8], dest: &Path, max_bytes: u64) -> Result<Unpacked, Snap
                 }
             }
             _ => {
-                return Err(SnapshotError::UnsafeEntry {
-                    path: shown,
-                    reason: "only regular files and directories are allowed",
-                });
+                done.skipped.push(shown);
+                continue;
             }
         }
         if !entry.unpack_in(dest)? {
@@ -182,18 +220,42 @@ mod tests {
     }
 
     #[test]
-    fn unpack_refuses_absolute_paths_and_links() {
+    fn unpack_refuses_absolute_paths_and_skips_links() {
         let dest = tempfile::tempdir().expect("dest");
         let absolute = archive_with("/tmp/evil.txt", tar::EntryType::Regular, b"x");
         assert!(matches!(
             unpack(&absolute, dest.path(), 1 << 20),
             Err(SnapshotError::UnsafeEntry { .. })
         ));
-        let link = archive_with("link", tar::EntryType::Symlink, b"");
-        assert!(matches!(
-            unpack(&link, dest.path(), 1 << 20),
-            Err(SnapshotError::UnsafeEntry { .. })
-        ));
+        for kind in [
+            tar::EntryType::Symlink,
+            tar::EntryType::Link,
+            tar::EntryType::Fifo,
+        ] {
+            let link = archive_with("link", kind, b"");
+            let done = unpack(&link, dest.path(), 1 << 20).expect("the rest unpacks");
+            assert_eq!(done.skipped, vec!["link".to_string()], "{kind:?}");
+            assert!(std::fs::symlink_metadata(dest.path().join("link")).is_err());
+        }
+    }
+
+    #[test]
+    fn pack_leaves_out_links_and_special_files() {
+        let src = tempfile::tempdir().expect("src");
+        std::fs::write(src.path().join("kept.txt"), b"kept").expect("file");
+        std::os::unix::fs::symlink("/etc/passwd", src.path().join("link")).expect("link");
+        let fifo = std::ffi::CString::new(src.path().join("fifo").as_os_str().as_encoded_bytes())
+            .expect("path");
+        // SAFETY: mkfifo(3) on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let blob = pack(src.path()).expect("pack");
+        let dest = tempfile::tempdir().expect("dest");
+        let done = unpack(&blob, dest.path(), 1 << 20).expect("unpack");
+        assert_eq!((done.files, done.skipped.len()), (1, 0));
+        assert_eq!(
+            std::fs::read(dest.path().join("kept.txt")).expect("kept"),
+            b"kept"
+        );
     }
 
     #[test]
@@ -204,6 +266,24 @@ mod tests {
             unpack(&blob, dest.path(), 1024),
             Err(SnapshotError::TooLarge { limit: 1024 })
         ));
+    }
+
+    #[test]
+    fn a_working_dir_over_the_limit_is_never_packed() {
+        let src = tempfile::tempdir().expect("src");
+        std::fs::write(src.path().join("a"), [1u8; 600]).expect("file");
+        std::fs::create_dir(src.path().join("d")).expect("dir");
+        std::fs::write(src.path().join("d/b"), [2u8; 600]).expect("file");
+        assert!(matches!(
+            pack_within(src.path(), 1000),
+            Err(SnapshotError::TooLarge { limit: 1000 })
+        ));
+        let blob = pack_within(src.path(), 1200).expect("within the limit");
+        let dest = tempfile::tempdir().expect("dest");
+        assert_eq!(
+            unpack(&blob, dest.path(), 1200).expect("unpack").bytes,
+            1200
+        );
     }
 
     #[test]

@@ -20,12 +20,41 @@ use super::journal::{self, Record};
 use super::lock::EditLock;
 use super::messages::{AttachInfo, SessionInfo, WorkspaceInfo};
 use super::paths::WorkPath;
+use super::presence::Presence;
 use super::repo;
 use super::save::Saves;
 use super::settings::WorkspaceSettings;
 use crate::compile::CompileCache;
-use crate::protocol::{Doer, ErrorCode, Event, Op, OpError, SessionId};
+use crate::protocol::{ErrorCode, Event, Op, OpError, SessionId};
 use crate::storage::{Fence, Store, WorkspaceKey};
+
+/// How often the workspace says it detached sessions that could not take
+/// their events: a burst (a thousand sockets that stopped reading) makes
+/// one line a second, with a count, not a line each.
+const UNDELIVERED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The books of [`UNDELIVERED_LOG_EVERY`].
+#[derive(Debug, Default)]
+pub(super) struct Undelivered {
+    last_line: Option<Instant>,
+    since: u64,
+}
+
+impl Undelivered {
+    /// Whether to log a detach now, and how many were not logged since the
+    /// last line.
+    fn log_now(&mut self, now: Instant) -> Option<u64> {
+        let due = self
+            .last_line
+            .is_none_or(|last| now.duration_since(last) >= UNDELIVERED_LOG_EVERY);
+        if !due {
+            self.since += 1;
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.since))
+    }
+}
 
 /// An attached session: who, and where its events go.
 pub(super) struct Member {
@@ -54,6 +83,13 @@ pub struct WorkspaceState {
     pub(super) compile_cache: Arc<tokio::sync::Mutex<CompileCache>>,
     /// The save running in the background, if any, and who waits.
     pub(super) saves: Saves,
+    /// Who the sessions were last told is here.
+    pub(super) presence: Presence,
+    /// A presence tick must be scheduled (the actor does it).
+    pub(super) presence_due: bool,
+    /// Sessions detached because their events could not be delivered, and
+    /// the log line about them, kept to one a second.
+    pub(super) undelivered: Undelivered,
     /// Set when a journal append did not finish before the fence: whether
     /// it landed is unknown, so this actor stops once it has answered (see
     /// [`WorkspaceState::record`]).
@@ -127,6 +163,7 @@ impl WorkspaceState {
         let dir = self.dir.path().to_path_buf();
         let (branch, head) = blocking("reading HEAD", move || repo::head(&dir)).await?;
         self.expire_lock(None);
+        let id = session.id.clone();
         self.sessions.insert(
             session.id.clone(),
             Member {
@@ -134,7 +171,14 @@ impl WorkspaceState {
                 events,
             },
         );
-        self.announce_presence();
+        // The joiner learns everyone now, the others the change soon.
+        let everyone = Presence::everyone(self.sessions.values().map(|m| m.info.doer()));
+        if let Some(member) = self.sessions.get(&id)
+            && !member.events.send_to(&id, &everyone)
+        {
+            self.detach(&id);
+        }
+        self.presence_changed();
         Ok(AttachInfo {
             branch,
             head,
@@ -142,11 +186,18 @@ impl WorkspaceState {
         })
     }
 
-    /// Tells every session who is attached now.
-    fn announce_presence(&mut self) {
-        let mut sessions: Vec<Doer> = self.sessions.values().map(|m| m.info.doer()).collect();
-        sessions.sort_by(|a, b| a.session.cmp(&b.session));
-        self.broadcast(None, Event::Presence { sessions });
+    fn presence_changed(&mut self) {
+        if self.presence.changed() {
+            self.presence_due = true;
+        }
+    }
+
+    /// Tells every session who joined and left since it was last told.
+    pub(super) fn announce_presence(&mut self) {
+        let now = self.sessions.values().map(|m| m.info.doer());
+        if let Some(event) = self.presence.announce(now) {
+            self.broadcast(None, event);
+        }
     }
 
     pub(super) fn detach(&mut self, session: &SessionId) {
@@ -158,7 +209,7 @@ impl WorkspaceState {
             // workspace keeps no file contents in memory.
             self.files.release_cache();
         }
-        self.announce_presence();
+        self.presence_changed();
         if let Some(event) = self.lock.holder_left(session) {
             self.broadcast(None, event);
         }
@@ -170,7 +221,9 @@ impl WorkspaceState {
     pub(super) fn broadcast(&mut self, except: Option<&SessionId>, event: Event) {
         let sinks = self.sessions.iter().map(|(id, m)| (id, &m.events));
         for id in events::broadcast(sinks, except, &event) {
-            tracing::info!(workspace = %self.key, session = %id, "detaching a session whose events cannot be delivered (gone, or not reading)");
+            if let Some(more) = self.undelivered.log_now(Instant::now()) {
+                tracing::info!(workspace = %self.key, session = %id, also_detached_since_last_line = more, "detaching a session whose events cannot be delivered (gone, or not reading)");
+            }
             self.detach(&id);
         }
     }

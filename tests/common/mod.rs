@@ -449,6 +449,46 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// Whether `event` says who is in the workspace (`presence` to a joiner,
+/// `presence_changed` on joins and leaves).
+pub fn is_presence(event: &branchd::protocol::Event) -> bool {
+    use branchd::protocol::Event;
+    matches!(
+        event,
+        Event::Presence { .. } | Event::PresenceChanged { .. }
+    )
+}
+
+/// Who is in the workspace as a client following its presence events sees
+/// it: session id → user name.
+#[derive(Debug, Default)]
+pub struct Present(pub std::collections::BTreeMap<String, String>);
+
+impl Present {
+    /// Follows one event; false if it was not a presence event.
+    pub fn follow(&mut self, event: &branchd::protocol::Event) -> bool {
+        use branchd::protocol::Event;
+        match event {
+            Event::Presence { sessions } => {
+                self.0 = sessions
+                    .iter()
+                    .map(|d| (d.session.clone(), d.user.clone()))
+                    .collect();
+            }
+            Event::PresenceChanged { joined, left } => {
+                for gone in left {
+                    self.0.remove(gone);
+                }
+                for d in joined {
+                    self.0.insert(d.session.clone(), d.user.clone());
+                }
+            }
+            _ => return false,
+        }
+        true
+    }
+}
+
 /// The next event other than `presence` (which every join and leave sends).
 pub async fn next_event(
     events: &mut tokio::sync::mpsc::Receiver<branchd::protocol::Event>,
@@ -458,7 +498,7 @@ pub async fn next_event(
             .await
             .expect("an event within 10 s")
             .expect("the event stream is open");
-        if !matches!(event, branchd::protocol::Event::Presence { .. }) {
+        if !is_presence(&event) {
             return event;
         }
     }

@@ -67,6 +67,46 @@ pub struct Compiled {
     pub stats: CompileStats,
 }
 
+impl Compiled {
+    /// A compile whose thread did not finish in time (see
+    /// [`super::CompileSettings::run`]).
+    pub fn overran(entry: &str, timeout: std::time::Duration) -> Compiled {
+        let message = format!(
+            "the compile ran out of time ({} ms, BRANCHD_COMPILE_TIMEOUT)",
+            timeout.as_millis()
+        );
+        Compiled {
+            ok: false,
+            diagnostics: vec![diagnostic(entry, 0, 0, DiagnosticKind::Limit, message)],
+            output: None,
+            stats: CompileStats::default(),
+        }
+    }
+
+    /// This result, or, when its output would not fit in `max` bytes (one
+    /// frame, to its caller and to every session told of it), a failed
+    /// compile with a `limit` diagnostic on `entry` that says so.
+    pub fn within(self, max: usize, entry: &str) -> Compiled {
+        let Some(output) = &self.output else {
+            return self;
+        };
+        let size = rmp_serde::to_vec_named(output).map_or(usize::MAX, |bytes| bytes.len());
+        if size <= max {
+            return self;
+        }
+        let message = format!(
+            "the shape's output takes {size} bytes, more than the {max} an answer may carry \
+             (BRANCHD_MAX_FRAME): make the shape simpler"
+        );
+        Compiled {
+            ok: false,
+            diagnostics: vec![diagnostic(entry, 0, 0, DiagnosticKind::Limit, message)],
+            output: None,
+            stats: self.stats,
+        }
+    }
+}
+
 /// An import, resolved to a project file or refused with a reason.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Resolved {

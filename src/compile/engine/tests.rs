@@ -17,6 +17,7 @@ fn limits() -> CompileLimits {
         max_modules: 100,
         max_shape_nodes: 10_000,
         max_shape_depth: 64,
+        max_memory: 64 << 20,
         max_file: 1 << 20,
         max_path: 1024,
     }
@@ -343,5 +344,92 @@ fn a_missing_entry_is_not_found_and_runtime_errors_are_diagnostics() {
         compiled.diagnostics[0]
             .message
             .contains("must end with a shape")
+    );
+}
+
+/// The one limit diagnostic of a compile that hit a limit.
+fn limit_of(compiled: &Compiled) -> &Diagnostic {
+    let [d] = &compiled.diagnostics[..] else {
+        panic!("one diagnostic expected: {:?}", compiled.diagnostics)
+    };
+    assert_eq!(d.kind, DiagnosticKind::Limit, "{d:?}");
+    assert!(!compiled.ok && compiled.output.is_none());
+    d
+}
+
+/// Issue 17, item 2: a map of 2,000 strings of 1 MiB compiled `ok` at
+/// +2 GB (8,000 aborted the process). What a compile holds is bounded.
+#[test]
+fn a_script_that_keeps_building_stops_at_the_memory_limit() {
+    let project = Project::new(&[(
+        "hoard.rhai",
+        "let s = \"x\";\nwhile s.len < 1048576 { s += s; }\nlet m = #{};\n\
+         for i in 0..2000 { m[`k${i}`] = s + i; }\ncube(1, 1, 1)\n",
+    )]);
+    let mut cache = project.cache();
+    let generous = CompileLimits {
+        max_operations: u64::MAX,
+        max_string_size: 2 << 20,
+        max_map_size: 100_000,
+        max_memory: 64 << 20,
+        ..limits()
+    };
+    let meter = crate::compile::meter::Meter::start();
+    let compiled = compile_with(&mut cache, "hoard.rhai", &generous);
+    let d = limit_of(&compiled);
+    assert!(d.message.contains("BRANCHD_COMPILE_MAX_MEMORY"), "{d:?}");
+    assert!(
+        meter.peak() < 100 << 20,
+        "held {} MiB under a 64 MiB limit",
+        meter.peak() >> 20
+    );
+}
+
+/// Issue 17, item 2: `s.replace("a", s)` cost gigabytes before a limit
+/// fired. Its result's size is now checked before it is built.
+#[test]
+fn a_replace_that_would_explode_is_refused_before_it_runs() {
+    let project = Project::new(&[(
+        "boom.rhai",
+        "let s = \"a\";\nwhile s.len < 65536 { s += s; }\nlet t = s;\n\
+         t.replace(\"a\", s);\ncube(1, 1, 1)\n",
+    )]);
+    let mut cache = project.cache();
+    let meter = crate::compile::meter::Meter::start();
+    let compiled = compile(&mut cache, "boom.rhai");
+    let d = limit_of(&compiled);
+    assert!(d.message.contains("BRANCHD_COMPILE_MAX_STRING"), "{d:?}");
+    assert!(meter.peak() < 64 << 20, "held {} MiB", meter.peak() >> 20);
+    // A replace that fits works as before.
+    let project = Project::new(&[(
+        "fine.rhai",
+        "let t = \"a-b-c\";\nt.replace(\"-\", \"+\");\nt.replace('+', \"==\");\n\
+         if t != \"a==b==c\" { throw t; }\ncube(1, 1, 1)\n",
+    )]);
+    let mut cache = project.cache();
+    let compiled = compile(&mut cache, "fine.rhai");
+    assert!(compiled.ok, "{:?}", compiled.diagnostics);
+}
+
+/// Issue 17, item 3: an 8 MiB file of `let` lines parsed for minutes,
+/// out of reach of the wall-time limit. Parsing is under it now.
+#[test]
+fn parsing_a_huge_file_stops_at_the_wall_time_limit() {
+    let source: String = (0..200_000).map(|i| format!("let x{i} = {i};\n")).collect();
+    let project = Project::new(&[("huge.rhai", &source)]);
+    let mut cache = project.cache();
+    let quick = CompileLimits {
+        timeout: Duration::from_millis(300),
+        max_file: 64 << 20,
+        ..limits()
+    };
+    let started = Instant::now();
+    let compiled = compile_with(&mut cache, "huge.rhai", &quick);
+    let d = limit_of(&compiled);
+    assert!(d.message.contains("out of time"), "{d:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "stopped {} ms after a 300 ms limit",
+        started.elapsed().as_millis()
     );
 }

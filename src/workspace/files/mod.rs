@@ -31,6 +31,10 @@ pub use cache::{CACHE_PER_WORKSPACE, CachePool};
 pub struct FileLimits {
     pub max_file: u64,
     pub max_read: u64,
+    /// Most bytes of file content the working copy may hold, `.git`
+    /// included (`BRANCHD_MAX_WORKSPACE`, the measure activation applies
+    /// to a snapshot): a write past it is refused.
+    pub max_total: u64,
     /// Shared by every working copy of the node.
     pub cache: Arc<CachePool>,
 }
@@ -42,6 +46,29 @@ pub struct Files {
     versions: HashMap<String, String>,
     cache: FileCache,
     next_tmp: u64,
+    /// Bytes of every regular file under `root`, `.git` included: measured
+    /// when opened and after each commit, kept up to date by writes and
+    /// deletes.
+    used: u64,
+}
+
+/// Bytes of the regular files under `dir` (links are not followed, and
+/// count nothing): the measure [`super::snapshot::unpack`] limits.
+pub fn content_bytes(dir: &Path) -> io::Result<u64> {
+    let mut total = 0u64;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(next)? {
+            let entry = entry?;
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                pending.push(entry.path());
+            } else if kind.is_file() {
+                total = total.saturating_add(entry.metadata()?.len());
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// The version (git blob id) of some content: the SHA-1 of `blob <len>\0`
@@ -81,7 +108,47 @@ impl Files {
             versions: HashMap::new(),
             cache: FileCache::new(pool),
             next_tmp: 0,
+            used: content_bytes(root)?,
         })
+    }
+
+    /// Bytes of file content in the working copy, `.git` included.
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// Takes the working copy's size as measured anew (after a commit,
+    /// which grows `.git`). Blocking when measured here.
+    pub fn measured(&mut self, used: u64) {
+        self.used = used;
+    }
+
+    /// Measures the working copy again. Blocking.
+    pub fn measure(&mut self) -> io::Result<()> {
+        self.used = content_bytes(&self.root)?;
+        Ok(())
+    }
+
+    /// `too_large` unless the working copy may grow by `more` bytes (and
+    /// shrink by `less`) and stay within `BRANCHD_MAX_WORKSPACE`.
+    pub fn check_room(&self, what: &str, more: u64, less: u64) -> Result<(), OpError> {
+        let after = self.used.saturating_sub(less).saturating_add(more);
+        if after <= self.limits.max_total {
+            return Ok(());
+        }
+        Err(OpError::too_large(format!(
+            "{what} would take the working copy to {after} bytes (history included); \
+             BRANCHD_MAX_WORKSPACE allows {}: delete files, or ask an operator for more",
+            self.limits.max_total
+        )))
+    }
+
+    /// The size of the file at `on_disk` if a regular file is there, else 0.
+    fn size_at(on_disk: &Path) -> u64 {
+        std::fs::symlink_metadata(on_disk)
+            .ok()
+            .filter(|meta| meta.is_file())
+            .map_or(0, |meta| meta.len())
     }
 
     /// Forgets cached versions and contents of `path` and everything below it.
@@ -345,6 +412,8 @@ impl Files {
         }
         self.check_parents(path)?;
         let current = self.version(path)?;
+        let replaced = Self::size_at(&path.resolve(&self.root)?);
+        self.check_room(&format!("writing {path:?}"), content.len() as u64, replaced)?;
         if current.is_none() {
             // A new file: git must be able to track its name.
             crate::workspace::repo::check_trackable(path)?;
@@ -385,10 +454,16 @@ impl Files {
         std::fs::write(&staged, content).map_err(|e| io_error("writing", path, e))?;
         // The last component is not checked for a link: rename replaces a
         // link there rather than following it.
-        std::fs::rename(&staged, path.resolve_parents(&self.root)?).map_err(|e| {
+        let target = path.resolve_parents(&self.root)?;
+        let replaced = Self::size_at(&target);
+        std::fs::rename(&staged, target).map_err(|e| {
             let _ = std::fs::remove_file(&staged);
             io_error("writing", path, e)
         })?;
+        self.used = self
+            .used
+            .saturating_sub(replaced)
+            .saturating_add(content.len() as u64);
         let version = version_of(content);
         self.versions.insert(path.to_string(), version.clone());
         self.cache.insert(path.as_str(), content);
@@ -464,12 +539,16 @@ impl Files {
         match Self::kind_of(&on_disk).map_err(|e| io_error("deleting", path, e))? {
             None => Err(OpError::not_found(format!("{path:?} does not exist"))),
             Some(EntryKind::Dir) => {
+                let gone = content_bytes(&on_disk).unwrap_or(0);
                 std::fs::remove_dir_all(&on_disk).map_err(|e| io_error("deleting", path, e))?;
+                self.used = self.used.saturating_sub(gone);
                 self.forget(path);
                 Ok(EntryKind::Dir)
             }
             Some(EntryKind::File) => {
+                let gone = Self::size_at(&on_disk);
                 std::fs::remove_file(&on_disk).map_err(|e| io_error("deleting", path, e))?;
+                self.used = self.used.saturating_sub(gone);
                 self.versions.remove(path.as_str());
                 self.cache.remove(path.as_str());
                 Ok(EntryKind::File)
@@ -563,6 +642,7 @@ mod tests {
         let limits = FileLimits {
             max_file: 1 << 30,
             max_read: 1 << 30,
+            max_total: u64::MAX,
             cache: pool.clone(),
         };
         let files = Files::open(dir.path(), limits).expect("files");

@@ -19,9 +19,11 @@ pub(super) fn compile(ws: &mut WorkspaceState, cx: &Ctx<'_>, entry: &str, reply:
     let cache = ws.compile_cache.clone();
     let myself = cx.myself.clone();
     let by = cx.who.doer();
+    let max_reply = ws.settings.max_reply;
     ws.settings.tasks.spawn(async move {
         match settings.run(cache, entry.clone()).await {
             Ok(compiled) => {
+                let compiled = compiled.within(max_reply, entry.as_str());
                 reply.send(Ok(Reply::Compiled {
                     ok: compiled.ok,
                     diagnostics: compiled.diagnostics.clone(),

@@ -24,6 +24,7 @@ pub(super) fn list_tree(ws: &mut WorkspaceState, path: Option<String>) -> OpResu
     let under = ws.path_or_root(path.as_deref().unwrap_or(""))?;
     Ok(Reply::Tree {
         entries: ws.files.list(&under)?,
+        truncated: false,
     })
 }
 

@@ -30,6 +30,7 @@ pub(super) async fn status(ws: &mut WorkspaceState) -> OpResult {
         branch,
         head,
         changes,
+        truncated: false,
     })
 }
 
@@ -40,7 +41,10 @@ pub(super) async fn diff(ws: &mut WorkspaceState, path: Option<String>) -> OpRes
         repo::diff(&dir, path.as_ref())
     })
     .await?;
-    Ok(Reply::Diff { diff })
+    Ok(Reply::Diff {
+        diff,
+        truncated: false,
+    })
 }
 
 /// A commit made: everything, or only `paths`, by this author at this time.
@@ -112,6 +116,14 @@ pub(super) async fn commit(
     };
     let dir = ws.dir.path().to_path_buf();
     let (check_dir, check) = (dir.clone(), record.clone());
+    // The room checked first: staging already writes objects into `.git`.
+    let growth = blocking("checking the commit", move || {
+        let growth = repo::commit_growth(&check_dir, paths.as_deref())?;
+        Ok((growth, check_dir, check, paths))
+    })
+    .await?;
+    let (growth, check_dir, check, paths) = growth;
+    ws.files.check_room("this commit", growth, 0)?;
     blocking("checking the commit", move || {
         repo::check_commit(
             &check_dir,
@@ -123,8 +135,16 @@ pub(super) async fn commit(
     })
     .await?;
     ws.record(&record).await?;
-    let (commit, message) =
-        applied(blocking("committing", move || apply_commit(&dir, &record)).await);
+    let ((commit, message), used) = applied(
+        blocking("committing", move || {
+            let made = apply_commit(&dir, &record)?;
+            let used = crate::workspace::files::content_bytes(&dir)
+                .map_err(|e| OpError::internal("measuring the working copy", e))?;
+            Ok((made, used))
+        })
+        .await,
+    );
+    ws.files.measured(used);
     ws.broadcast(
         Some(&cx.who.id),
         Event::Committed {
@@ -140,12 +160,16 @@ pub(super) async fn log(ws: &mut WorkspaceState, limit: Option<u64>) -> OpResult
     let limit = limit.unwrap_or(50).clamp(1, 1000) as usize;
     let dir = ws.dir.path().to_path_buf();
     let commits = blocking("reading the log", move || repo::log(&dir, limit)).await?;
-    Ok(Reply::Log { commits })
+    Ok(Reply::Log {
+        commits,
+        truncated: false,
+    })
 }
 
 pub(super) async fn branches(ws: &mut WorkspaceState) -> OpResult {
     Ok(Reply::Branches {
         branches: ws.store.branches(ws.key.project_id).await?,
+        truncated: false,
     })
 }
 

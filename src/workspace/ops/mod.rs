@@ -46,6 +46,9 @@ pub(super) async fn run(
         Err(err) => return reply.send(Err(err)),
     };
     let cx = Ctx { myself, who };
+    // Every answer, now or later, is cut to the frame limit here.
+    let max_reply = ws.settings.max_reply;
+    let reply = reply.map(move |result| result.map(|answer| answer.fit(max_reply)));
     match op {
         Op::ListTree { path } => reply.send(files::list_tree(ws, path)),
         Op::ReadFile { path } => reply.send(files::read_file(ws, &path)),
