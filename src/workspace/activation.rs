@@ -77,7 +77,7 @@ pub(super) async fn activate(args: WorkspaceArgs) -> Result<WorkspaceState, OpEr
         }
         git2::Repository::open(&path)
             .map_err(|e| OpError::internal("opening the snapshot's repository", e))?;
-        let mut files = Files::open(&path, limits)
+        let mut files = Files::open_measured(&path, limits, unpacked.bytes)
             .map_err(|e| OpError::internal("preparing the working dir", e))?;
         for record in &records {
             Change::decode(&record.op)?

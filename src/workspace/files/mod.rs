@@ -93,8 +93,16 @@ fn io_error(context: &str, path: &WorkPath, err: io::Error) -> OpError {
 
 impl Files {
     /// Takes charge of the working copy at `root`, clearing temp files a
-    /// previous owner may have left.
+    /// previous owner may have left, and measures it.
     pub fn open(root: &Path, limits: FileLimits) -> io::Result<Files> {
+        let mut files = Self::open_measured(root, limits, 0)?;
+        files.measure()?;
+        Ok(files)
+    }
+
+    /// [`Files::open`] for a working copy whose size is known: `used`
+    /// bytes of file content (what unpacking its snapshot counted).
+    pub fn open_measured(root: &Path, limits: FileLimits, used: u64) -> io::Result<Files> {
         let tmp = root.join(".git").join("branchd").join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp)?;
@@ -108,7 +116,7 @@ impl Files {
             versions: HashMap::new(),
             cache: FileCache::new(pool),
             next_tmp: 0,
-            used: content_bytes(root)?,
+            used,
         })
     }
 
