@@ -56,10 +56,15 @@ impl SqlStore {
             .max_connections(max_connections.max(1))
             .acquire_timeout(Duration::from_secs(10));
         let (options, dialect) = match backend {
-            Backend::Sqlite => (
-                options.after_connect(|conn, _meta| Box::pin(sqlite::configure(conn))),
-                &sqlite::DIALECT,
-            ),
+            Backend::Sqlite => {
+                let writable = !sqlite::read_only_url(url);
+                (
+                    options.after_connect(move |conn, _meta| {
+                        Box::pin(sqlite::configure(conn, writable))
+                    }),
+                    &sqlite::DIALECT,
+                )
+            }
             Backend::Postgres => (options, &postgres::DIALECT),
         };
         let url = match backend {
