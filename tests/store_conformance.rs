@@ -33,6 +33,7 @@ on_both_backends!(
     wiping_a_server_tag_removes_its_sessions_and_claims_only,
     nodes_are_live_while_their_heartbeat_is_fresh,
     concurrent_appends_of_many_workspaces_all_land_and_a_stale_fence_alone_is_refused,
+    the_heartbeat_keeps_its_pace_while_large_journal_records_are_written,
 );
 
 async fn user(store: &dyn Store, name: &str) -> i64 {
@@ -981,4 +982,67 @@ async fn concurrent_appends_of_many_workspaces_all_land_and_a_stale_fence_alone_
             "every acknowledged record of {key}, nothing else"
         );
     }
+}
+
+/// Issue 17, item 13: during 40 back-to-back 8 MiB writes a node judged
+/// itself cut off from the database and refused a write, because its
+/// heartbeat waited behind the journal for seconds. A heartbeat must get
+/// its turn within a transaction or so, however large the writes.
+async fn the_heartbeat_keeps_its_pace_while_large_journal_records_are_written(db: TestDb) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    let store = db.open().await;
+    let (_, key) = project(store.as_ref()).await;
+    store.register_node("n1", None, None).await.expect("node");
+    let f = fence(
+        "n1",
+        owned(store.claim(&key, "n1", 60_000).await.expect("claim")).epoch,
+    );
+    // 40 records of 8 MiB (the largest file a client may write), from four
+    // writers back to back, so the journal always has one waiting.
+    let record = Arc::new(vec![0x5a_u8; 8 << 20]);
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let (store, key, f, record) = (store.clone(), key.clone(), f.clone(), record.clone());
+        writers.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                store
+                    .append_journal(&key, &f, &record)
+                    .await
+                    .expect("a large append lands");
+            }
+        }));
+    }
+    let writing = Arc::new(AtomicBool::new(true));
+    let beats = tokio::spawn({
+        let (store, writing) = (store.clone(), writing.clone());
+        async move {
+            let mut slowest = Duration::ZERO;
+            let mut count = 0;
+            while writing.load(Ordering::Relaxed) {
+                let start = Instant::now();
+                assert!(store.heartbeat("n1").await.expect("heartbeat"));
+                slowest = slowest.max(start.elapsed());
+                count += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            (slowest, count)
+        }
+    });
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    writing.store(false, Ordering::Relaxed);
+    let (slowest, count) = beats.await.expect("heartbeat task");
+    assert!(
+        count >= 3,
+        "the writes were over too soon to judge ({count} heartbeats)"
+    );
+    // With the default settings a node stops writing 2.5 s after its last
+    // renewal and renews every second: a renewal must take well under 1.5 s.
+    assert!(
+        slowest < Duration::from_millis(1000),
+        "a heartbeat took {slowest:?} behind the journal's writes ({count} heartbeats)"
+    );
 }

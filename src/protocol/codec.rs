@@ -91,29 +91,48 @@ fn text<'v>(value: &'v rmpv::ValueRef) -> Option<&'v str> {
     }
 }
 
+/// The deepest nesting of maps and arrays a frame may have, the frame's
+/// own map included. A request needs three levels (`git_commit`'s
+/// `paths`); the rest is room for fields a later client may add.
+/// Decoding recurses once per level, and the decoder's own limit (1024)
+/// let a frame of a few hundred bytes overflow the stack of the thread
+/// decoding it, which aborts the whole process.
+pub const MAX_FRAME_DEPTH: usize = 32;
+
+/// Reads a value from a frame, refusing nesting beyond [`MAX_FRAME_DEPTH`].
+fn from_frame<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut decoder = rmp_serde::Deserializer::from_read_ref(bytes);
+    // The decoder refuses the level at which its count reaches zero.
+    decoder.set_max_depth(MAX_FRAME_DEPTH + 1);
+    T::deserialize(&mut decoder)
+}
+
 /// Reads a frame's [`Head`]. Whether the frame is a map is read from its
 /// first byte (the MessagePack marker), so that "not a map" and "not
 /// MessagePack" are told apart by what the bytes are, not by a decoder's
 /// wording.
 fn read_head(bytes: &[u8]) -> Result<Head<'_>, BadFrame> {
-    let invalid = |e: rmp_serde::decode::Error| {
-        BadFrame::new(None, format!("the frame is not valid MessagePack: {e}"))
+    let invalid = |e: rmp_serde::decode::Error| match e {
+        rmp_serde::decode::Error::DepthLimitExceeded => BadFrame::new(
+            None,
+            format!("the frame nests maps and arrays more than {MAX_FRAME_DEPTH} levels deep"),
+        ),
+        e => BadFrame::new(None, format!("the frame is not valid MessagePack: {e}")),
     };
     let is_map = matches!(
         bytes.first().map(|&b| rmp::Marker::from_u8(b)),
         Some(rmp::Marker::FixMap(_) | rmp::Marker::Map16 | rmp::Marker::Map32)
     );
     if !is_map {
-        return Err(
-            match rmp_serde::from_slice::<serde::de::IgnoredAny>(bytes) {
-                Ok(_) => BadFrame::new(None, "a frame must be a MessagePack map with named fields"),
-                Err(e) => invalid(e),
-            },
-        );
+        return Err(match from_frame::<serde::de::IgnoredAny>(bytes) {
+            Ok(_) => BadFrame::new(None, "a frame must be a MessagePack map with named fields"),
+            Err(e) => invalid(e),
+        });
     }
     // A map's keys and values are read as any MessagePack value, so the
-    // only way this fails is bytes that are not MessagePack.
-    rmp_serde::from_slice(bytes).map_err(invalid)
+    // only ways this fails are bytes that are not MessagePack and nesting
+    // that is too deep.
+    from_frame(bytes).map_err(invalid)
 }
 
 /// Decodes one request frame of at most `max_frame` bytes. Each step knows
@@ -125,9 +144,7 @@ pub fn decode_request(bytes: &[u8], max_frame: u64) -> Result<Request, BadFrame>
         struct IdOnly {
             id: Option<u64>,
         }
-        let id = rmp_serde::from_slice::<IdOnly>(bytes)
-            .ok()
-            .and_then(|f| f.id);
+        let id = from_frame::<IdOnly>(bytes).ok().and_then(|f| f.id);
         return Err(BadFrame {
             id,
             error: OpError::too_large(format!(
@@ -165,7 +182,7 @@ pub fn decode_request(bytes: &[u8], max_frame: u64) -> Result<Request, BadFrame>
         ));
     };
     // The op is known, so whatever fails from here is its arguments.
-    let op = rmp_serde::from_slice::<Op>(bytes)
+    let op = from_frame::<Op>(bytes)
         .map_err(|e| BadFrame::new(Some(id), format!("bad arguments for {}: {e}", kind.name())))?;
     Ok(Request::Op { id, op })
 }
@@ -313,6 +330,49 @@ mod tests {
             Ok(Request::Op {
                 id: 6,
                 op: Op::Lock { ttl_ms: None }
+            })
+        ));
+    }
+
+    /// `{id: 1, op: "save", x: [[[...]]]}`, `x` nested `depth` arrays deep.
+    fn nested_frame(depth: usize) -> Vec<u8> {
+        let mut frame = vec![0x83, 0xa2, b'i', b'd', 1, 0xa2, b'o', b'p'];
+        frame.extend_from_slice(&[0xa4, b's', b'a', b'v', b'e', 0xa1, b'x']);
+        frame.extend(std::iter::repeat_n(0x91, depth)); // an array of one
+        frame.push(0xc0); // nil
+        frame
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_exhausting_the_stack() {
+        // Before the limit, a frame nested 1000 deep overflowed a 2 MiB
+        // stack (a tokio worker's) in a debug build, aborting the process.
+        let decoded = std::thread::Builder::new()
+            .stack_size(512 << 10)
+            .spawn(|| {
+                let frames = [nested_frame(1000), nested_frame(MAX_FRAME_DEPTH)];
+                frames.map(|frame| decode_request(&frame, LIMIT))
+            })
+            .expect("thread")
+            .join()
+            .expect("decoding within the stack");
+        let [deep, too_deep] = decoded;
+        for refused in [deep, too_deep] {
+            let Err(BadFrame { id, error }) = refused else {
+                panic!("expected a refusal, got {refused:?}");
+            };
+            assert_eq!(id, None);
+            assert_eq!(
+                error.message,
+                "the frame nests maps and arrays more than 32 levels deep"
+            );
+        }
+        assert!(matches!(
+            // The frame's map and 31 arrays: exactly the limit.
+            decode_request(&nested_frame(MAX_FRAME_DEPTH - 1), LIMIT),
+            Ok(Request::Op {
+                id: 1,
+                op: Op::Save
             })
         ));
     }

@@ -2,7 +2,8 @@
 //! database URL keeps everything in one file under the data dir).
 //!
 //! Holds only what is SQLite's own: its dialect, its migrations and the
-//! per-connection settings. It must not be used by more than one node: SQLite
+//! set-up of each new connection (settings, and refusing a connection that
+//! came up read-only). It must not be used by more than one node: SQLite
 //! has no way for nodes on different machines to share it safely.
 
 use std::path::Path;
@@ -25,12 +26,81 @@ pub(crate) const DIALECT: Dialect = Dialect {
 /// journal's promise ("nothing acknowledged is lost") depends on.
 const CONNECTION_PRAGMAS: &str = "PRAGMA journal_mode = WAL; \
      PRAGMA synchronous = FULL; \
-     PRAGMA foreign_keys = ON; \
-     PRAGMA busy_timeout = 10000;";
+     PRAGMA foreign_keys = ON;";
 
-pub(crate) async fn configure(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(CONNECTION_PRAGMAS).execute(conn).await?;
+/// How long a statement waits for another connection's write lock.
+const BUSY_TIMEOUT: &str = "PRAGMA busy_timeout = 10000;";
+
+/// SQLite's primary result codes the writability probe tells apart.
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_READONLY: i32 = 8;
+
+/// Sets up a new connection. Unless the URL asks for a read-only database
+/// (`writable` false), it also refuses a connection that cannot write.
+///
+/// Why: when SQLite cannot open the database or its WAL read-write (any
+/// error but "is a directory", so `EMFILE` too, when the process is out of
+/// file descriptors), it opens the file read-only instead and keeps it so
+/// for the connection's life. The pool would keep such a connection, and
+/// every write that drew it would fail with `attempt to write a readonly
+/// database` until the node restarts. Refused here, the pool closes it and
+/// opens another (sqlx retries a failed set-up until the acquire timeout),
+/// so the node heals once descriptors are free again.
+pub(crate) async fn configure(conn: &mut AnyConnection, writable: bool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(CONNECTION_PRAGMAS)
+        .execute(&mut *conn)
+        .await?;
+    if writable {
+        probe_writable(conn).await?;
+    }
+    sqlx::raw_sql(BUSY_TIMEOUT).execute(conn).await?;
     Ok(())
+}
+
+/// Writes in a transaction it rolls back, without waiting for the write
+/// lock: a read-only connection fails with `SQLITE_READONLY` (whether the
+/// database or its WAL was opened read-only), a writable one either
+/// writes or is told another connection holds the lock (`SQLITE_BUSY`,
+/// which proves it may write too). Nothing reaches the disk.
+async fn probe_writable(conn: &mut AnyConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql("PRAGMA busy_timeout = 0;")
+        .execute(&mut *conn)
+        .await?;
+    sqlx::raw_sql("BEGIN").execute(&mut *conn).await?;
+    // A table that is never committed; creating it needs the write lock
+    // (`BEGIN IMMEDIATE` alone would not do: on a read-only database file
+    // SQLite quietly starts a read transaction instead).
+    let write = sqlx::raw_sql("CREATE TABLE main.branchd_write_probe (x)")
+        .execute(&mut *conn)
+        .await;
+    sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
+    match write {
+        Ok(_) => Ok(()),
+        Err(err) if matches!(primary_code(&err), Some(SQLITE_BUSY | SQLITE_LOCKED)) => Ok(()),
+        Err(err) if primary_code(&err) == Some(SQLITE_READONLY) => {
+            Err(sqlx::Error::Protocol(format!(
+                "this SQLite connection was opened read-only ({err}): the process may be out of \
+                 file descriptors; closing it and opening another"
+            )))
+        }
+        // Anything else (cannot open, I/O error): not a connection to keep.
+        Err(err) => Err(err),
+    }
+}
+
+/// The primary SQLite result code of a database error (its extended code
+/// carries the primary one in its low byte).
+fn primary_code(err: &sqlx::Error) -> Option<i32> {
+    let code = err.as_database_error()?.code()?;
+    code.parse::<i32>().ok().map(|c| c & 0xff)
+}
+
+/// Whether a SQLite URL opens the database read-only (`mode=ro`), which
+/// the operator chose: its connections are then expected not to write.
+pub(crate) fn read_only_url(url: &str) -> bool {
+    url.split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|pair| pair == "mode=ro"))
 }
 
 /// The URL of the default database file in a data dir.
@@ -78,5 +148,13 @@ mod tests {
             prepare_url("sqlite::memory:").expect("prepare"),
             "sqlite::memory:"
         );
+    }
+
+    #[test]
+    fn only_mode_ro_makes_a_url_read_only() {
+        assert!(read_only_url("sqlite://x.db?mode=ro"));
+        assert!(read_only_url("sqlite://x.db?cache=shared&mode=ro"));
+        assert!(!read_only_url("sqlite://x.db?mode=rwc"));
+        assert!(!read_only_url("sqlite://ro.db"));
     }
 }

@@ -7,7 +7,7 @@
 
 use sqlx::{AnyPool, Row};
 
-use super::{SqlStore, all};
+use super::{SqlStore, WriteTurns, all};
 use crate::storage::dialect::Dialect;
 use crate::storage::*;
 
@@ -22,6 +22,12 @@ pub(super) struct PendingAppend {
 /// Most appends one journal transaction takes.
 const MAX_JOURNAL_BATCH: usize = 256;
 
+/// Most bytes of records one journal transaction takes (it always takes
+/// at least one record). Bounds how long a transaction holds SQLite's
+/// write lock, which the heartbeat waits for: about two of the largest
+/// files a client may write by default.
+const MAX_JOURNAL_BATCH_BYTES: usize = 16 << 20;
+
 /// Group commit: every workspace of a node appends its journal records
 /// through this one task, which commits whatever has queued up while the
 /// previous transaction was committing in a single transaction (each
@@ -33,19 +39,41 @@ const MAX_JOURNAL_BATCH: usize = 256;
 pub(super) struct JournalCommitter {
     pub(super) pool: AnyPool,
     pub(super) dialect: &'static Dialect,
+    /// SQLite: each transaction waits for its turn (see [`WriteTurns`]).
+    pub(super) writers: Option<WriteTurns>,
 }
 
 impl JournalCommitter {
     pub(super) async fn run(self, mut queue: tokio::sync::mpsc::UnboundedReceiver<PendingAppend>) {
-        while let Some(first) = queue.recv().await {
+        // An append that did not fit the last batch: it opens the next.
+        let mut carried: Option<PendingAppend> = None;
+        loop {
+            let first = match carried.take() {
+                Some(append) => append,
+                None => match queue.recv().await {
+                    Some(append) => append,
+                    None => return,
+                },
+            };
+            let mut bytes = first.op.len();
             let mut batch = vec![first];
             while batch.len() < MAX_JOURNAL_BATCH {
                 match queue.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) if bytes + next.op.len() > MAX_JOURNAL_BATCH_BYTES => {
+                        carried = Some(next);
+                        break;
+                    }
+                    Ok(next) => {
+                        bytes += next.op.len();
+                        batch.push(next);
+                    }
                     Err(_) => break,
                 }
             }
-            match self.commit(&batch).await {
+            let turn = WriteTurns::take(&self.writers).await;
+            let committed = self.commit(&batch).await;
+            drop(turn);
+            match committed {
                 Ok(results) => {
                     for (append, result) in batch.into_iter().zip(results) {
                         let _ = append.done.send(result);

@@ -11,8 +11,9 @@
 //! [`projects`] (projects and members), [`snapshots`], [`claims`] (ownership
 //! and fencing), [`failures`] (workspaces failed cluster-wide), [`sessions`] (WebSocket session rows), [`nodes`] (cluster
 //! membership) and [`journal`] (the group committer and replay reads). This
-//! file holds the connection pool and the [`Store`] impl, one dispatch line
-//! per method.
+//! file holds the connection pools (the shared one, and the heartbeat's
+//! own), the SQLite writers' turns and the [`Store`] impl, one dispatch
+//! line per method.
 //!
 //! Statements must never be built from values: only from the crate's own
 //! fragments and `$N` parameters.
@@ -26,6 +27,7 @@ mod sessions;
 mod snapshots;
 mod users;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -39,11 +41,38 @@ use journal::{JournalCommitter, PendingAppend};
 /// A [`Store`] over a pool of SQLite or Postgres connections.
 pub struct SqlStore {
     pool: AnyPool,
+    /// The node's own row (heartbeat, announcing) on a connection of its
+    /// own, opened on first use: a renewal never waits for a connection
+    /// behind other work, however busy the pool is.
+    heartbeat_pool: AnyPool,
     backend: Backend,
     dialect: &'static Dialect,
     /// Journal appends go through one committer task per store (group
     /// commit, see [`JournalCommitter`]).
     journal: tokio::sync::mpsc::UnboundedSender<PendingAppend>,
+    /// SQLite only: the turns of the writers that must not starve.
+    writers: Option<WriteTurns>,
+}
+
+/// SQLite has one writer at a time, and a connection that finds the write
+/// lock taken polls for it (sleeping up to 100 ms between tries). A writer
+/// that comes straight back, as the journal committer does under load,
+/// wins nearly every time, and the heartbeat waited seconds behind large
+/// journal writes (issue 17, item 13). The journal committer and the
+/// heartbeat therefore take their turns here, first come first served, so
+/// a heartbeat waits for at most the one transaction under way. Postgres
+/// locks rows, not the database, and needs none of this.
+#[derive(Clone, Default)]
+struct WriteTurns(Arc<tokio::sync::Mutex<()>>);
+
+impl WriteTurns {
+    /// Waits for this writer's turn; the turn ends when the guard drops.
+    async fn take(turns: &Option<WriteTurns>) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match turns {
+            Some(turns) => Some(turns.0.clone().lock_owned().await),
+            None => None,
+        }
+    }
 }
 
 impl SqlStore {
@@ -52,15 +81,23 @@ impl SqlStore {
     pub async fn connect(url: &str, max_connections: u32) -> StoreResult<SqlStore> {
         sqlx::any::install_default_drivers();
         let backend = Backend::from_url(url)?;
-        let options = AnyPoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(10));
-        let (options, dialect) = match backend {
-            Backend::Sqlite => (
-                options.after_connect(|conn, _meta| Box::pin(sqlite::configure(conn))),
-                &sqlite::DIALECT,
-            ),
-            Backend::Postgres => (options, &postgres::DIALECT),
+        let options = |max: u32| {
+            let options = AnyPoolOptions::new()
+                .max_connections(max)
+                .acquire_timeout(Duration::from_secs(10));
+            match backend {
+                Backend::Sqlite => {
+                    let writable = !sqlite::read_only_url(url);
+                    options.after_connect(move |conn, _meta| {
+                        Box::pin(sqlite::configure(conn, writable))
+                    })
+                }
+                Backend::Postgres => options,
+            }
+        };
+        let dialect = match backend {
+            Backend::Sqlite => &sqlite::DIALECT,
+            Backend::Postgres => &postgres::DIALECT,
         };
         let url = match backend {
             Backend::Sqlite => sqlite::prepare_url(url).map_err(|e| {
@@ -68,11 +105,15 @@ impl SqlStore {
             })?,
             Backend::Postgres => url.to_string(),
         };
-        let pool = options.connect(&url).await?;
+        let pool = options(max_connections.max(1)).connect(&url).await?;
+        // Lazy: tools that never renew a heartbeat never open it.
+        let heartbeat_pool = options(1).connect_lazy(&url)?;
+        let writers = (backend == Backend::Sqlite).then(WriteTurns::default);
         let (journal, queue) = tokio::sync::mpsc::unbounded_channel();
         let committer = JournalCommitter {
             pool: pool.clone(),
             dialect,
+            writers: writers.clone(),
         };
         // Ends when the store (the queue's only sender) is dropped. Not on
         // the node's shutdown tracker: the store lives below the node (tools
@@ -82,9 +123,11 @@ impl SqlStore {
         tokio::spawn(committer.run(queue));
         Ok(SqlStore {
             pool,
+            heartbeat_pool,
             backend,
             dialect,
             journal,
+            writers,
         })
     }
 
@@ -94,8 +137,9 @@ impl SqlStore {
         Ok(())
     }
 
-    /// Closes the pool, waiting for connections in use to come back.
+    /// Closes the pools, waiting for connections in use to come back.
     pub async fn close(&self) {
+        self.heartbeat_pool.close().await;
         self.pool.close().await;
     }
 

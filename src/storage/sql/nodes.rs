@@ -2,12 +2,14 @@
 //! judged by the database clock.
 //!
 //! Ages are never computed with a node's own clock: every comparison is
-//! made in SQL, against the database's.
+//! made in SQL, against the database's. A node writes its own row on the
+//! heartbeat's connection, never the shared pool, so that renewing it
+//! never queues behind other work.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::{SqlStore, all};
+use super::{SqlStore, WriteTurns, all};
 use crate::storage::*;
 
 macro_rules! node_columns {
@@ -32,6 +34,7 @@ pub(super) async fn register_node(
     cluster_addr: Option<&str>,
     http_addr: Option<&str>,
 ) -> StoreResult<NodeRow> {
+    let _turn = WriteTurns::take(&store.writers).await;
     let row = sqlx::query(store.dialect.sql(concat!(
         "INSERT INTO nodes (server_tag, cluster_addr, http_addr, started_at, heartbeat_at) \
          VALUES ($1, $2, $3, {now}, {now}) \
@@ -44,19 +47,22 @@ pub(super) async fn register_node(
     .bind(server_tag)
     .bind(cluster_addr)
     .bind(http_addr)
-    .fetch_one(&store.pool)
+    .fetch_one(&store.heartbeat_pool)
     .await?;
     Ok(node(&row)?)
 }
 
+/// On the heartbeat's own connection, in its turn among SQLite's writers:
+/// it waits for neither the pool nor a queue of large journal writes.
 pub(super) async fn heartbeat(store: &SqlStore, server_tag: &str) -> StoreResult<bool> {
+    let _turn = WriteTurns::take(&store.writers).await;
     let done = sqlx::query(
         store
             .dialect
             .sql("UPDATE nodes SET heartbeat_at = {now} WHERE server_tag = $1"),
     )
     .bind(server_tag)
-    .execute(&store.pool)
+    .execute(&store.heartbeat_pool)
     .await?;
     Ok(done.rows_affected() > 0)
 }
