@@ -282,6 +282,37 @@ pub struct Config {
     /// Most levels of one shape tree.
     #[arg(long, env = "BRANCHD_COMPILE_MAX_SHAPE_DEPTH", default_value_t = 256)]
     pub compile_max_shape_depth: u32,
+
+    /// How long a client has to send a request's headers in full, from the
+    /// moment its connection opens or its previous response was sent; then
+    /// the connection is closed. 0 turns it off.
+    #[arg(long, env = "BRANCHD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// An HTTP connection (not upgraded to a WebSocket) on which no byte is
+    /// read or written for this long is closed. 0 turns it off.
+    #[arg(long, env = "BRANCHD_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// Most HTTP connections (WebSockets included) open at once; further
+    /// ones are closed as soon as they are accepted. 0: the open-file limit
+    /// less `BRANCHD_FD_RESERVE`.
+    #[arg(long, env = "BRANCHD_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Most HTTP connections (WebSockets included) open at once from one
+    /// client address (an IPv6 client: its /64). 0: no limit.
+    #[arg(
+        long,
+        env = "BRANCHD_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_connections_per_address: usize,
+
+    /// File descriptors kept out of the automatic connection budget, for the
+    /// database, working copies, node links and the process itself.
+    #[arg(long, env = "BRANCHD_FD_RESERVE", default_value_t = 256)]
+    pub fd_reserve: u64,
 }
 
 /// The configuration's flags as a command of their own.

@@ -6,13 +6,17 @@
 //! store and to `workspace`; errors are [`error::ApiError`], which alone
 //! decides status codes. Who is calling is [`auth`]; what they may do is
 //! [`access`] (and each op's own metadata, over WebSocket); the WebSocket
-//! door is [`ws`], an open socket `socket`.
+//! door is [`ws`], an open socket `socket`. The listener that accepts
+//! connections and bounds them is [`serve`]; what limits count a client by
+//! is [`peer`].
 
 pub mod access;
 pub mod api;
 pub mod auth;
 pub mod error;
 pub mod ops;
+pub mod peer;
+pub mod serve;
 mod socket;
 pub mod ws;
 

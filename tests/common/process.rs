@@ -40,8 +40,35 @@ impl Served {
 
     /// Starts with extra environment variables.
     pub fn start_with(dir: &Path, envs: &[(&str, &str)]) -> Served {
-        let mut child = branchd(dir)
-            .envs(envs.iter().copied())
+        Self::spawn(branchd(dir).envs(envs.iter().copied()))
+    }
+
+    /// Starts with extra environment variables and at most `nofile` open
+    /// files (soft and hard `RLIMIT_NOFILE`, so the server cannot raise it).
+    pub fn start_with_open_file_limit(dir: &Path, envs: &[(&str, &str)], nofile: u64) -> Served {
+        use std::os::unix::process::CommandExt;
+        let mut command = branchd(dir);
+        command.envs(envs.iter().copied());
+        let limit = libc::rlimit {
+            rlim_cur: nofile,
+            rlim_max: nofile,
+        };
+        // SAFETY: between fork and exec the closure only calls setrlimit,
+        // which is async-signal-safe, on a value it owns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        Self::spawn(&mut command)
+    }
+
+    fn spawn(command: &mut Command) -> Served {
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .spawn()
@@ -78,6 +105,11 @@ impl Served {
             line.split_once("with password: ")
                 .map(|(_, password)| password.to_string())
         })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends a signal (SIGSTOP, SIGCONT, ...) without waiting.
