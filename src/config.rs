@@ -313,6 +313,16 @@ pub struct Config {
     /// database, working copies, node links and the process itself.
     #[arg(long, env = "BRANCHD_FD_RESERVE", default_value_t = 256)]
     pub fd_reserve: u64,
+
+    /// Most password hashes (logins, new users) computed at once (0: one per
+    /// CPU core).
+    #[arg(long, env = "BRANCHD_HASH_CONCURRENCY", default_value_t = 0)]
+    pub hash_concurrency: usize,
+
+    /// Most password hashes waiting for a free slot; further logins get 503
+    /// `unavailable` at once.
+    #[arg(long, env = "BRANCHD_HASH_QUEUE", default_value_t = 64)]
+    pub hash_queue: usize,
 }
 
 /// The configuration's flags as a command of their own.

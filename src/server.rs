@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use crate::allocator::{Allocator, AllocatorSettings};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::gateway::hashing::PasswordHashing;
 use crate::gateway::serve::{HttpLimits, connection_budget};
 use crate::gateway::{self, AppState, auth};
 use crate::shutdown::{Shutdown, TaskGroup};
@@ -72,8 +73,12 @@ impl Server {
             .with_context(|| format!("opening the database {}", redact_url(&url)))?;
         tracing::info!(database = %redact_url(&url), backend = ?store.backend(), "store ready");
 
+        let hashing = Arc::new(
+            PasswordHashing::new(config.hash_concurrency, config.hash_queue)
+                .context("starting the password hashing threads")?,
+        );
         let generated_admin_password =
-            ensure_admin(store.as_ref(), config.admin_password.clone()).await?;
+            ensure_admin(store.as_ref(), &hashing, config.admin_password.clone()).await?;
 
         let max_connections = connection_budget(config.max_connections, config.fd_reserve)?;
         let http_limits = HttpLimits::from_config(&config, max_connections);
@@ -118,6 +123,7 @@ impl Server {
             cluster: cluster.clone(),
             shutdown: shutdown.clone(),
             sockets: sockets.clone(),
+            hashing,
         };
         let http = shutdown.spawn(gateway::serve::serve(
             listener,
@@ -189,6 +195,7 @@ impl Server {
 /// database race benignly: the loser sees the winner's user and moves on.
 async fn ensure_admin(
     store: &dyn Store,
+    hashing: &PasswordHashing,
     password: Option<String>,
 ) -> anyhow::Result<Option<String>> {
     if store.user_count().await? > 0 {
@@ -200,7 +207,7 @@ async fn ensure_admin(
         admin: true,
         ..Default::default()
     };
-    match auth::create_user(store, spec).await {
+    match auth::create_user(store, hashing, spec).await {
         Ok((user, generated)) => {
             tracing::info!(user = %user.username, "created the first administrator");
             Ok(generated)

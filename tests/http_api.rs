@@ -25,6 +25,7 @@ on_both_backends!(
     oversized_bodies_get_too_large,
     unknown_things_get_not_found,
     health_and_readiness_answer,
+    logins_beyond_the_hashing_queue_get_503_at_once,
 );
 
 async fn admin_logs_in_creates_a_project_and_lists_it(db: TestDb) {
@@ -496,6 +497,45 @@ fn client_from_another_address() -> reqwest::Client {
         .expect("a client")
 }
 
+async fn logins_beyond_the_hashing_queue_get_503_at_once(db: TestDb) {
+    let server = TestServer::start_with(db, |config| {
+        config.hash_concurrency = 1;
+        config.hash_queue = 1;
+    })
+    .await;
+    let attempts = (0..32).map(|_| {
+        let (http, base) = (server.http.clone(), server.base.clone());
+        tokio::spawn(async move { login_attempt(&http, &base, "admin", "not-the-password").await })
+    });
+    let mut busy = 0;
+    for attempt in attempts.collect::<Vec<_>>() {
+        let (status, retry_after, body) = attempt.await.expect("attempt");
+        match status {
+            401 => assert_eq!(retry_after, None),
+            503 => {
+                busy += 1;
+                assert_eq!(body["code"], "unavailable", "{body}");
+                assert_eq!(retry_after, Some(1), "{body}");
+                assert_eq!(body["retry_after_ms"], 1000, "{body}");
+                assert!(
+                    body["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("too many password checks")),
+                    "{body}"
+                );
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(
+        busy > 0,
+        "32 logins at once on 1 hashing thread with a queue of 1: none refused"
+    );
+    // Refusals cost nothing and leave no mark: the right password works.
+    server.login("admin", common::ADMIN_PASSWORD).await;
+    server.stop().await;
+}
+
 mod connections {
     use super::*;
     use branchd::client::Client;
@@ -650,6 +690,17 @@ mod connections {
         server.stop().await;
     }
 
+    /// Kilobytes of a process's memory from /proc (`VmRSS`, `VmHWM`).
+    fn memory_kb(pid: u32, field: &str) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|rest| rest.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
     const PASSWORD: &str = "a-password-for-tests";
 
     /// A `branchd serve` process that is killed if the test fails before
@@ -675,6 +726,45 @@ mod connections {
                 served.kill();
             }
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_hundred_wrong_logins_at_once_cost_a_bounded_amount_of_memory() {
+        let dir = tempfile::tempdir().expect("dir");
+        let running = Running(Some(Served::start_with(
+            dir.path(),
+            &[("BRANCHD_ADMIN_PASSWORD", PASSWORD)],
+        )));
+        let served = running.served();
+        let http = reqwest::Client::new();
+        login(&http, &served.base, "admin", PASSWORD).await;
+        let before = memory_kb(served.pid(), "VmRSS");
+        let attempts: Vec<_> = (0..200)
+            .map(|_| {
+                let (http, base) = (http.clone(), served.base.clone());
+                tokio::spawn(async move {
+                    login_attempt(&http, &base, "admin", "not-the-password").await
+                })
+            })
+            .collect();
+        let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+        for attempt in attempts {
+            let (status, _, body) = attempt.await.expect("attempt");
+            assert!(status == 401 || status == 503, "{status}: {body}");
+            *statuses.entry(status).or_default() += 1;
+        }
+        let peak_growth_mib = memory_kb(served.pid(), "VmHWM").saturating_sub(before) / 1024;
+        let after_growth_mib = memory_kb(served.pid(), "VmRSS").saturating_sub(before) / 1024;
+        // 200 argon2id hashes at once would take about 3.8 GiB.
+        assert!(
+            peak_growth_mib < 256,
+            "peak grew by {peak_growth_mib} MiB ({statuses:?})"
+        );
+        assert!(after_growth_mib < 256, "kept {after_growth_mib} MiB");
+        // The queue's worth was checked; the rest was refused at once.
+        assert!(statuses.contains_key(&503), "{statuses:?}");
+        login(&http, &served.base, "admin", PASSWORD).await;
+        running.terminate();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,6 +81,9 @@ pub struct LoginResponse {
     user: User,
 }
 
+/// Checks a username and password and hands out a token. A login is
+/// refused before any password is checked when every hashing slot and the
+/// queue are taken (503, `super::hashing`).
 pub async fn login(
     State(state): State<AppState>,
     ApiJson(request): ApiJson<LoginRequest>,
@@ -90,7 +93,7 @@ pub async fn login(
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let valid = auth::verify_password(request.password, hash).await;
+    let valid = state.hashing.verify(request.password, hash).await?;
     let user = match (user, valid) {
         (Some(user), true) => user,
         _ => {
@@ -157,6 +160,7 @@ pub async fn add_user(
 ) -> Result<impl IntoResponse, ApiError> {
     let (user, password) = auth::create_user(
         state.store.as_ref(),
+        &state.hashing,
         UserSpec {
             username: request.username,
             password: request.password,

@@ -8,12 +8,13 @@
 //! [`access`] (and each op's own metadata, over WebSocket); the WebSocket
 //! door is [`ws`], an open socket `socket`. The listener that accepts
 //! connections and bounds them is [`serve`]; what limits count a client by
-//! is [`peer`].
+//! is [`peer`]; password hashing is bounded by [`hashing`].
 
 pub mod access;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod hashing;
 pub mod ops;
 pub mod peer;
 pub mod serve;
@@ -55,6 +56,8 @@ pub struct AppState {
     /// Every socket task (and its session's removal): the drain waits for
     /// them to have said `reconnect` before it stops their workspaces.
     pub sockets: TaskGroup,
+    /// The node's password hashing threads and their bounded queue.
+    pub hashing: Arc<hashing::PasswordHashing>,
 }
 
 /// The whole HTTP API.

@@ -76,6 +76,10 @@ impl ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// For `unavailable` when the server knows: how long to wait before
+    /// trying again (also the `Retry-After` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// A failed op: a code from the closed set, a message saying what to fix,
