@@ -323,6 +323,30 @@ pub struct Config {
     /// `unavailable` at once.
     #[arg(long, env = "BRANCHD_HASH_QUEUE", default_value_t = 64)]
     pub hash_queue: usize,
+
+    /// Failed logins of one username before each further failure pauses it
+    /// (429 `rate_limited`). 0 turns this off.
+    #[arg(long, env = "BRANCHD_LOGIN_FAILURES_PER_USER", default_value_t = 5)]
+    pub login_failures_per_user: u32,
+
+    /// Failed logins from one client address before each further failure
+    /// pauses it (429 `rate_limited`). 0 turns this off.
+    #[arg(long, env = "BRANCHD_LOGIN_FAILURES_PER_ADDRESS", default_value_t = 20)]
+    pub login_failures_per_address: u32,
+
+    /// A username's or address's failed logins are forgotten after this long
+    /// without a failure.
+    #[arg(long, env = "BRANCHD_LOGIN_FAILURE_WINDOW", default_value = "15m", value_parser = parse_duration)]
+    pub login_failure_window: Duration,
+
+    /// The first pause after too many failed logins; each further failure
+    /// doubles it.
+    #[arg(long, env = "BRANCHD_LOGIN_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub login_backoff: Duration,
+
+    /// The longest pause after failed logins.
+    #[arg(long, env = "BRANCHD_LOGIN_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub login_backoff_max: Duration,
 }
 
 /// The configuration's flags as a command of their own.

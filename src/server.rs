@@ -21,6 +21,7 @@ use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::gateway::hashing::PasswordHashing;
 use crate::gateway::serve::{HttpLimits, connection_budget};
+use crate::gateway::throttle::{LoginThrottle, ThrottlePolicy};
 use crate::gateway::{self, AppState, auth};
 use crate::shutdown::{Shutdown, TaskGroup};
 use crate::storage::{self, Store, redact_url};
@@ -82,6 +83,7 @@ impl Server {
 
         let max_connections = connection_budget(config.max_connections, config.fd_reserve)?;
         let http_limits = HttpLimits::from_config(&config, max_connections);
+        let logins = Arc::new(LoginThrottle::new(ThrottlePolicy::from_config(&config)));
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -124,6 +126,7 @@ impl Server {
             shutdown: shutdown.clone(),
             sockets: sockets.clone(),
             hashing,
+            logins,
         };
         let http = shutdown.spawn(gateway::serve::serve(
             listener,

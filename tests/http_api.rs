@@ -25,6 +25,8 @@ on_both_backends!(
     oversized_bodies_get_too_large,
     unknown_things_get_not_found,
     health_and_readiness_answer,
+    failed_logins_pause_the_username_for_a_growing_time,
+    failed_logins_from_one_address_pause_it_whatever_the_username,
     logins_beyond_the_hashing_queue_get_503_at_once,
 );
 
@@ -497,10 +499,84 @@ fn client_from_another_address() -> reqwest::Client {
         .expect("a client")
 }
 
+/// Asserts a 429 `rate_limited` that asks for a wait of at most
+/// `seconds` (and more than `seconds - 1`); returns the wait.
+fn assert_paused(attempt: &(u16, Option<u64>, serde_json::Value), seconds: u64) -> Duration {
+    let (status, retry_after, body) = attempt;
+    assert_eq!(
+        (*status, body["code"].as_str()),
+        (429, Some("rate_limited")),
+        "{body}"
+    );
+    assert_eq!(*retry_after, Some(seconds), "Retry-After, body {body}");
+    let ms = body["retry_after_ms"].as_u64().expect("retry_after_ms");
+    assert!(
+        ms <= seconds * 1000 && ms > (seconds - 1) * 1000,
+        "retry_after_ms {ms} for {seconds} s"
+    );
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("too many failed logins")),
+        "{body}"
+    );
+    Duration::from_millis(ms)
+}
+
+async fn failed_logins_pause_the_username_for_a_growing_time(db: TestDb) {
+    let server = TestServer::start(db).await;
+    let (http, base) = (&server.http, server.base.as_str());
+    let password = common::ADMIN_PASSWORD;
+    for _ in 0..5 {
+        let wrong = login_attempt(http, base, "admin", "not-the-password").await;
+        assert_eq!((wrong.0, wrong.1), (401, None), "{}", wrong.2);
+    }
+    // The fifth failure paused the username for 1 s: even the right
+    // password has to wait.
+    let wait = assert_paused(&login_attempt(http, base, "admin", password).await, 1);
+    tokio::time::sleep(wait).await;
+    // The next failure doubles the pause.
+    let wrong = login_attempt(http, base, "admin", "not-the-password").await;
+    assert_eq!(wrong.0, 401, "{}", wrong.2);
+    let wait = assert_paused(&login_attempt(http, base, "admin", password).await, 2);
+    // Other usernames are not paused.
+    let other = login_attempt(http, base, "someone", "not-the-password").await;
+    assert_eq!(other.0, 401, "{}", other.2);
+    tokio::time::sleep(wait).await;
+    let (status, _, body) = login_attempt(http, base, "admin", password).await;
+    assert_eq!(status, 200, "{body}");
+    // A success starts the count again: one failure is free once more.
+    let wrong = login_attempt(http, base, "admin", "not-the-password").await;
+    assert_eq!(wrong.0, 401, "{}", wrong.2);
+    let (status, _, body) = login_attempt(http, base, "admin", password).await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}
+
+async fn failed_logins_from_one_address_pause_it_whatever_the_username(db: TestDb) {
+    let server = TestServer::start(db).await;
+    let (http, base) = (&server.http, server.base.as_str());
+    let password = common::ADMIN_PASSWORD;
+    for n in 0..20 {
+        let wrong = login_attempt(http, base, &format!("guess{n}"), "whatever1").await;
+        assert_eq!(wrong.0, 401, "{}", wrong.2);
+    }
+    assert_paused(&login_attempt(http, base, "admin", password).await, 1);
+    // Another address is not paused, and its success does not free the first.
+    let elsewhere = client_from_another_address();
+    let (status, _, body) = login_attempt(&elsewhere, base, "admin", password).await;
+    assert_eq!(status, 200, "{body}");
+    assert_paused(&login_attempt(http, base, "admin", password).await, 1);
+    server.stop().await;
+}
+
 async fn logins_beyond_the_hashing_queue_get_503_at_once(db: TestDb) {
     let server = TestServer::start_with(db, |config| {
         config.hash_concurrency = 1;
         config.hash_queue = 1;
+        // Only the hashing bound answers here.
+        config.login_failures_per_user = 0;
+        config.login_failures_per_address = 0;
     })
     .await;
     let attempts = (0..32).map(|_| {
@@ -733,7 +809,12 @@ mod connections {
         let dir = tempfile::tempdir().expect("dir");
         let running = Running(Some(Served::start_with(
             dir.path(),
-            &[("BRANCHD_ADMIN_PASSWORD", PASSWORD)],
+            &[
+                ("BRANCHD_ADMIN_PASSWORD", PASSWORD),
+                // Only the hashing bound acts here.
+                ("BRANCHD_LOGIN_FAILURES_PER_USER", "0"),
+                ("BRANCHD_LOGIN_FAILURES_PER_ADDRESS", "0"),
+            ],
         )));
         let served = running.served();
         let http = reqwest::Client::new();

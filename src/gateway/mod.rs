@@ -8,7 +8,7 @@
 //! [`access`] (and each op's own metadata, over WebSocket); the WebSocket
 //! door is [`ws`], an open socket `socket`. The listener that accepts
 //! connections and bounds them is [`serve`]; what limits count a client by
-//! is [`peer`]; password hashing is bounded by [`hashing`].
+//! is [`peer`]; logins are bounded by [`hashing`] and [`throttle`].
 
 pub mod access;
 pub mod api;
@@ -19,6 +19,7 @@ pub mod ops;
 pub mod peer;
 pub mod serve;
 mod socket;
+pub mod throttle;
 pub mod ws;
 
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub sockets: TaskGroup,
     /// The node's password hashing threads and their bounded queue.
     pub hashing: Arc<hashing::PasswordHashing>,
+    /// Failed logins per username and per client address.
+    pub logins: Arc<throttle::LoginThrottle>,
 }
 
 /// The whole HTTP API.
