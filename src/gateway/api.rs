@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::access::{Admin, access, effective_role, require};
 use super::auth::{self, AuthUser, UserSpec};
-use super::error::ApiError;
+use super::error::{ApiError, whole_seconds};
 use super::peer::ClientAddr;
 use super::{ApiJson, ApiPath, AppState};
 use crate::protocol::ErrorCode;
@@ -93,11 +93,11 @@ pub async fn login(
     ApiJson(request): ApiJson<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
     if let Err(wait) = state.logins.check(&request.username, client) {
-        let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
         return Err(ApiError::new(
             ErrorCode::RateLimited,
             format!(
-                "too many failed logins for this username or from this address; retry in {seconds} s"
+                "too many failed logins for this username or from this address; retry in {} s",
+                whole_seconds(wait)
             ),
         )
         .retry_after(wait));

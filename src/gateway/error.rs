@@ -3,10 +3,10 @@
 //! that tells the caller what to fix. Handlers return `Result<_, ApiError>`;
 //! this is the only place errors become responses.
 
-use axum::Json;
-use axum::extract::rejection::{JsonRejection, PathRejection};
 use std::time::Duration;
 
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::http::header::RETRY_AFTER;
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -82,13 +82,18 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, Json(body)).into_response();
         if let Some(wait) = self.retry_after {
-            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
             response
                 .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(seconds));
+                .insert(RETRY_AFTER, HeaderValue::from(whole_seconds(wait)));
         }
         response
     }
+}
+
+/// A wait in whole seconds, rounded up (as `Retry-After` says it), so that
+/// a client waiting that long never comes back too early.
+pub fn whole_seconds(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 impl From<OpError> for ApiError {
