@@ -499,46 +499,64 @@ fn client_from_another_address() -> reqwest::Client {
         .expect("a client")
 }
 
-/// Asserts a 429 `rate_limited` that asks for a wait of at most
-/// `seconds` (and more than `seconds - 1`); returns the wait.
-fn assert_paused(attempt: &(u16, Option<u64>, serde_json::Value), seconds: u64) -> Duration {
+/// Asserts a 429 `rate_limited` for a pause of `pause` that began after
+/// `since` (the moment before the failure that earned it was sent): the
+/// wait it asks for is at most `pause` and no shorter than what is left of
+/// it, however slow the machine; `Retry-After` is that wait in whole
+/// seconds, rounded up. Returns the wait.
+fn assert_paused(
+    attempt: &(u16, Option<u64>, serde_json::Value),
+    pause: Duration,
+    since: std::time::Instant,
+) -> Duration {
     let (status, retry_after, body) = attempt;
     assert_eq!(
         (*status, body["code"].as_str()),
         (429, Some("rate_limited")),
         "{body}"
     );
-    assert_eq!(*retry_after, Some(seconds), "Retry-After, body {body}");
-    let ms = body["retry_after_ms"].as_u64().expect("retry_after_ms");
+    let wait = Duration::from_millis(body["retry_after_ms"].as_u64().expect("retry_after_ms"));
     assert!(
-        ms <= seconds * 1000 && ms > (seconds - 1) * 1000,
-        "retry_after_ms {ms} for {seconds} s"
+        wait <= pause,
+        "asked to wait {wait:?} for a pause of {pause:?}"
     );
+    let left = pause.saturating_sub(since.elapsed());
+    assert!(
+        wait + Duration::from_millis(1) >= left,
+        "asked to wait {wait:?} when {left:?} of the pause is left"
+    );
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    assert_eq!(*retry_after, Some(seconds), "Retry-After, body {body}");
     assert!(
         body["message"]
             .as_str()
             .is_some_and(|m| m.contains("too many failed logins")),
         "{body}"
     );
-    Duration::from_millis(ms)
+    wait
 }
 
 async fn failed_logins_pause_the_username_for_a_growing_time(db: TestDb) {
     let server = TestServer::start(db).await;
     let (http, base) = (&server.http, server.base.as_str());
     let password = common::ADMIN_PASSWORD;
+    let second = Duration::from_secs(1);
+    let mut since = std::time::Instant::now();
     for _ in 0..5 {
+        since = std::time::Instant::now();
         let wrong = login_attempt(http, base, "admin", "not-the-password").await;
         assert_eq!((wrong.0, wrong.1), (401, None), "{}", wrong.2);
     }
     // The fifth failure paused the username for 1 s: even the right
     // password has to wait.
-    let wait = assert_paused(&login_attempt(http, base, "admin", password).await, 1);
-    tokio::time::sleep(wait).await;
+    let right = login_attempt(http, base, "admin", password).await;
+    tokio::time::sleep(assert_paused(&right, second, since)).await;
     // The next failure doubles the pause.
+    let since = std::time::Instant::now();
     let wrong = login_attempt(http, base, "admin", "not-the-password").await;
     assert_eq!(wrong.0, 401, "{}", wrong.2);
-    let wait = assert_paused(&login_attempt(http, base, "admin", password).await, 2);
+    let right = login_attempt(http, base, "admin", password).await;
+    let wait = assert_paused(&right, 2 * second, since);
     // Other usernames are not paused.
     let other = login_attempt(http, base, "someone", "not-the-password").await;
     assert_eq!(other.0, 401, "{}", other.2);
@@ -554,19 +572,31 @@ async fn failed_logins_pause_the_username_for_a_growing_time(db: TestDb) {
 }
 
 async fn failed_logins_from_one_address_pause_it_whatever_the_username(db: TestDb) {
-    let server = TestServer::start(db).await;
+    // A pause long enough to outlast the logins below on a slow machine.
+    let pause = Duration::from_secs(60);
+    let server = TestServer::start_with(db, |config| config.login_backoff = pause).await;
     let (http, base) = (&server.http, server.base.as_str());
     let password = common::ADMIN_PASSWORD;
+    let mut since = std::time::Instant::now();
     for n in 0..20 {
+        since = std::time::Instant::now();
         let wrong = login_attempt(http, base, &format!("guess{n}"), "whatever1").await;
         assert_eq!(wrong.0, 401, "{}", wrong.2);
     }
-    assert_paused(&login_attempt(http, base, "admin", password).await, 1);
+    assert_paused(
+        &login_attempt(http, base, "admin", password).await,
+        pause,
+        since,
+    );
     // Another address is not paused, and its success does not free the first.
     let elsewhere = client_from_another_address();
     let (status, _, body) = login_attempt(&elsewhere, base, "admin", password).await;
     assert_eq!(status, 200, "{body}");
-    assert_paused(&login_attempt(http, base, "admin", password).await, 1);
+    assert_paused(
+        &login_attempt(http, base, "admin", password).await,
+        pause,
+        since,
+    );
     server.stop().await;
 }
 
