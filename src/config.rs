@@ -287,6 +287,71 @@ pub struct Config {
     /// builds: strings, arrays, maps, shapes, and the parsed files).
     #[arg(long, env = "BRANCHD_COMPILE_MAX_MEMORY", default_value = "256MiB", value_parser = parse_size)]
     pub compile_max_memory: u64,
+
+    /// How long a client has to send a request's headers in full, from the
+    /// moment its connection opens or its previous response was sent; then
+    /// the connection is closed. 0 turns it off.
+    #[arg(long, env = "BRANCHD_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// An HTTP connection (not upgraded to a WebSocket) on which no byte is
+    /// read or written for this long is closed. 0 turns it off.
+    #[arg(long, env = "BRANCHD_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub http_idle_timeout: Duration,
+
+    /// Most HTTP connections (WebSockets included) open at once; further
+    /// ones are closed as soon as they are accepted. 0: the open-file limit
+    /// less `BRANCHD_FD_RESERVE`.
+    #[arg(long, env = "BRANCHD_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Most HTTP connections (WebSockets included) open at once from one
+    /// client address (an IPv6 client: its /64). 0: no limit.
+    #[arg(
+        long,
+        env = "BRANCHD_MAX_CONNECTIONS_PER_ADDRESS",
+        default_value_t = 256
+    )]
+    pub max_connections_per_address: usize,
+
+    /// File descriptors kept out of the automatic connection budget, for the
+    /// database, working copies, node links and the process itself.
+    #[arg(long, env = "BRANCHD_FD_RESERVE", default_value_t = 256)]
+    pub fd_reserve: u64,
+
+    /// Most password hashes (logins, new users) computed at once (0: one per
+    /// CPU core).
+    #[arg(long, env = "BRANCHD_HASH_CONCURRENCY", default_value_t = 0)]
+    pub hash_concurrency: usize,
+
+    /// Most password hashes waiting for a free slot; further logins get 503
+    /// `unavailable` at once.
+    #[arg(long, env = "BRANCHD_HASH_QUEUE", default_value_t = 64)]
+    pub hash_queue: usize,
+
+    /// Failed logins of one username before each further failure pauses it
+    /// (429 `rate_limited`). 0 turns this off.
+    #[arg(long, env = "BRANCHD_LOGIN_FAILURES_PER_USER", default_value_t = 5)]
+    pub login_failures_per_user: u32,
+
+    /// Failed logins from one client address before each further failure
+    /// pauses it (429 `rate_limited`). 0 turns this off.
+    #[arg(long, env = "BRANCHD_LOGIN_FAILURES_PER_ADDRESS", default_value_t = 20)]
+    pub login_failures_per_address: u32,
+
+    /// A username's or address's failed logins are forgotten after this long
+    /// without a failure.
+    #[arg(long, env = "BRANCHD_LOGIN_FAILURE_WINDOW", default_value = "15m", value_parser = parse_duration)]
+    pub login_failure_window: Duration,
+
+    /// The first pause after too many failed logins; each further failure
+    /// doubles it.
+    #[arg(long, env = "BRANCHD_LOGIN_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    pub login_backoff: Duration,
+
+    /// The longest pause after failed logins.
+    #[arg(long, env = "BRANCHD_LOGIN_BACKOFF_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub login_backoff_max: Duration,
 }
 
 /// The configuration's flags as a command of their own.

@@ -9,6 +9,7 @@ use tracing_subscriber::EnvFilter;
 
 use branchd::config::{Config, DatabaseConfig, LogConfig, LogFormat};
 use branchd::gateway::auth;
+use branchd::gateway::hashing::PasswordHashing;
 use branchd::server::{ADMIN_USERNAME, Server};
 use branchd::storage::{self, redact_url};
 
@@ -163,7 +164,8 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 email,
                 admin,
             };
-            let (user, password) = auth::create_user(store.as_ref(), spec)
+            let hashing = PasswordHashing::new(1, 1)?;
+            let (user, password) = auth::create_user(store.as_ref(), &hashing, spec)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.message))?;
             println!("created user {:?} (id {})", user.username, user.id);
@@ -179,9 +181,7 @@ async fn user(command: UserCommand) -> anyhow::Result<()> {
                 .await?
                 .with_context(|| format!("no user named {name:?}"))?;
             let password = auth::generate_password()?;
-            let hash = auth::hash_password(password.clone())
-                .await
-                .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+            let hash = PasswordHashing::new(1, 1)?.hash(password.clone()).await?;
             store.set_password(user.id, &hash).await?;
             println!("new password for {:?}: {password}", user.username);
             Ok(())

@@ -13,13 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 use crate::allocator::{Allocator, AllocatorSettings};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::gateway::hashing::PasswordHashing;
+use crate::gateway::serve::{HttpLimits, connection_budget};
+use crate::gateway::throttle::{LoginThrottle, ThrottlePolicy};
 use crate::gateway::{self, AppState, auth};
 use crate::shutdown::{Shutdown, TaskGroup};
 use crate::storage::{self, Store, redact_url};
@@ -42,15 +44,6 @@ const SOCKETS_CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// How often expired login tokens are deleted.
 const TOKEN_PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 
-/// Sends small frames at once. Without it, a reply written right after an
-/// event on the same socket waits for the client's delayed ACK (40 ms on
-/// Linux): Nagle's algorithm.
-fn no_delay(stream: &mut tokio::net::TcpStream) {
-    if let Err(err) = stream.set_nodelay(true) {
-        tracing::debug!(error = %err, "setting TCP_NODELAY on a connection failed");
-    }
-}
-
 /// A running branchd node.
 pub struct Server {
     local_addr: SocketAddr,
@@ -62,7 +55,7 @@ pub struct Server {
     pub generated_admin_password: Option<String>,
     shutdown: Shutdown,
     sockets: TaskGroup,
-    http: JoinHandle<std::io::Result<()>>,
+    http: JoinHandle<()>,
 }
 
 impl Server {
@@ -81,9 +74,16 @@ impl Server {
             .with_context(|| format!("opening the database {}", redact_url(&url)))?;
         tracing::info!(database = %redact_url(&url), backend = ?store.backend(), "store ready");
 
+        let hashing = Arc::new(
+            PasswordHashing::new(config.hash_concurrency, config.hash_queue)
+                .context("starting the password hashing threads")?,
+        );
         let generated_admin_password =
-            ensure_admin(store.as_ref(), config.admin_password.clone()).await?;
+            ensure_admin(store.as_ref(), &hashing, config.admin_password.clone()).await?;
 
+        let max_connections = connection_budget(config.max_connections, config.fd_reserve)?;
+        let http_limits = HttpLimits::from_config(&config, max_connections);
+        let logins = Arc::new(LoginThrottle::new(ThrottlePolicy::from_config(&config)));
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -125,13 +125,15 @@ impl Server {
             cluster: cluster.clone(),
             shutdown: shutdown.clone(),
             sockets: sockets.clone(),
+            hashing,
+            logins,
         };
-        let stopping = shutdown.stopping().clone();
-        let http = shutdown.spawn(
-            axum::serve(listener.tap_io(no_delay), gateway::router(state))
-                .with_graceful_shutdown(stopping.cancelled_owned())
-                .into_future(),
-        );
+        let http = shutdown.spawn(gateway::serve::serve(
+            listener,
+            gateway::router(state),
+            http_limits,
+            shutdown.stopping().clone(),
+        ));
         shutdown.spawn_until_stopped(purge_tokens(store.clone()));
         Ok(Server {
             local_addr,
@@ -184,7 +186,7 @@ impl Server {
             );
             self.http.abort();
         } else {
-            self.http.await.context("HTTP server task")??;
+            self.http.await.context("HTTP server task")?;
         }
         tracing::info!("server stopped");
         Ok(())
@@ -196,6 +198,7 @@ impl Server {
 /// database race benignly: the loser sees the winner's user and moves on.
 async fn ensure_admin(
     store: &dyn Store,
+    hashing: &PasswordHashing,
     password: Option<String>,
 ) -> anyhow::Result<Option<String>> {
     if store.user_count().await? > 0 {
@@ -207,7 +210,7 @@ async fn ensure_admin(
         admin: true,
         ..Default::default()
     };
-    match auth::create_user(store, spec).await {
+    match auth::create_user(store, hashing, spec).await {
         Ok((user, generated)) => {
             tracing::info!(user = %user.username, "created the first administrator");
             Ok(generated)

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use super::access::{Admin, access, effective_role, require};
 use super::auth::{self, AuthUser, UserSpec};
-use super::error::ApiError;
+use super::error::{ApiError, whole_seconds};
+use super::peer::ClientAddr;
 use super::{ApiJson, ApiPath, AppState};
 use crate::protocol::ErrorCode;
 use crate::storage::{Member, NewSnapshot, Project, Role, User};
@@ -81,23 +82,41 @@ pub struct LoginResponse {
     user: User,
 }
 
+/// Checks a username and password and hands out a token. A login is
+/// refused before any password is checked while its username or the
+/// client's address is paused after failed logins (429, `super::throttle`),
+/// and when every hashing slot and the queue are taken (503,
+/// `super::hashing`).
 pub async fn login(
     State(state): State<AppState>,
+    client: ClientAddr,
     ApiJson(request): ApiJson<LoginRequest>,
 ) -> Result<Json<LoginResponse>, ApiError> {
+    if let Err(wait) = state.logins.check(&request.username, client) {
+        return Err(ApiError::new(
+            ErrorCode::RateLimited,
+            format!(
+                "too many failed logins for this username or from this address; retry in {} s",
+                whole_seconds(wait)
+            ),
+        )
+        .retry_after(wait));
+    }
     let found = state.store.user_by_name(&request.username).await?;
     let (user, hash) = match found {
         Some((user, hash)) => (Some(user), Some(hash)),
         None => (None, None),
     };
-    let valid = auth::verify_password(request.password, hash).await;
+    let valid = state.hashing.verify(request.password, hash).await?;
     let user = match (user, valid) {
         (Some(user), true) => user,
         _ => {
-            tracing::warn!(username = %request.username, "failed login");
+            tracing::warn!(username = %request.username, %client, "failed login");
+            state.logins.failed(&request.username, client);
             return Err(ApiError::unauthorized("wrong username or password"));
         }
     };
+    state.logins.succeeded(&request.username);
     let token = auth::generate_token()?;
     let ttl_ms = i64::try_from(state.config.token_ttl.as_millis()).unwrap_or(i64::MAX / 2);
     let expires_at = state
@@ -157,6 +176,7 @@ pub async fn add_user(
 ) -> Result<impl IntoResponse, ApiError> {
     let (user, password) = auth::create_user(
         state.store.as_ref(),
+        &state.hashing,
         UserSpec {
             username: request.username,
             password: request.password,

@@ -1,16 +1,11 @@
 //! Who is calling: password hashing, login tokens and the [`AuthUser`]
 //! extractor that every authenticated handler takes.
 //!
-//! Passwords are hashed with argon2id; tokens are 32 random bytes, shown to
-//! the client once and stored only as their SHA-256. Hashing is CPU- and
-//! memory-heavy, so it runs on the blocking pool. Nothing here may log a
+//! Passwords are hashed with argon2id by `super::hashing` (a bounded pool:
+//! hashing is CPU- and memory-heavy); tokens are 32 random bytes, shown to
+//! the client once and stored only as their SHA-256. Nothing here may log a
 //! password or a token.
 
-use std::sync::OnceLock;
-
-use argon2::Argon2;
-use argon2::password_hash::phc::PasswordHash;
-use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use axum::extract::{FromRequestParts, Query};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -19,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use super::AppState;
 use super::error::ApiError;
+use super::hashing::PasswordHashing;
 use crate::storage::{NewUser, Store, User};
 
 /// The authenticated caller of a request.
@@ -144,49 +140,6 @@ pub fn generate_password() -> Result<String, getrandom::Error> {
         .collect())
 }
 
-/// Hashes a password with argon2id on the blocking pool.
-pub async fn hash_password(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || {
-        Argon2::default()
-            .hash_password(password.as_bytes())
-            .map(|hash| hash.to_string())
-    })
-    .await
-    .map_err(|e| ApiError::internal("hashing a password", e))?
-    .map_err(|e| ApiError::internal("hashing a password", e))
-}
-
-/// Checks a password against a stored hash on the blocking pool. With no
-/// stored hash (unknown user) it checks against a fixed one, so that the
-/// answer takes as long either way and does not reveal which usernames exist.
-pub async fn verify_password(password: String, stored: Option<String>) -> bool {
-    let stored = match stored {
-        Some(hash) => hash,
-        None => decoy_hash().to_string(),
-    };
-    tokio::task::spawn_blocking(move || {
-        PasswordHash::new(&stored)
-            .map(|hash| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &hash)
-                    .is_ok()
-            })
-            .unwrap_or(false)
-    })
-    .await
-    .unwrap_or(false)
-}
-
-fn decoy_hash() -> &'static str {
-    static DECOY: OnceLock<String> = OnceLock::new();
-    DECOY.get_or_init(|| {
-        Argon2::default()
-            .hash_password(b"branchd decoy password")
-            .map(|hash| hash.to_string())
-            .unwrap_or_default()
-    })
-}
-
 /// A user to create through any door (CLI, first start, admin API).
 #[derive(Debug, Clone, Default)]
 pub struct UserSpec {
@@ -203,6 +156,7 @@ pub struct UserSpec {
 /// display name to the username (both are used as git commit author).
 pub async fn create_user(
     store: &dyn Store,
+    hashing: &PasswordHashing,
     spec: UserSpec,
 ) -> Result<(User, Option<String>), ApiError> {
     validate_username(&spec.username)?;
@@ -243,7 +197,7 @@ pub async fn create_user(
             "email {email:?} is not an email address"
         )));
     }
-    let password_hash = hash_password(password.clone()).await?;
+    let password_hash = hashing.hash(password.clone()).await?;
     let user = store
         .create_user(NewUser {
             username: spec.username,
@@ -295,16 +249,6 @@ pub fn validate_password(password: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn a_hashed_password_verifies_and_a_wrong_one_does_not() {
-        let hash = hash_password("correct horse".into()).await.expect("hash");
-        assert!(hash.starts_with("$argon2id$"));
-        assert!(verify_password("correct horse".into(), Some(hash.clone())).await);
-        assert!(!verify_password("wrong horse".into(), Some(hash)).await);
-        assert!(!verify_password("anything".into(), None).await);
-        assert!(!verify_password("x".into(), Some("not a phc string".into())).await);
-    }
 
     #[test]
     fn tokens_are_random_and_stored_hashed() {

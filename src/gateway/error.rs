@@ -3,9 +3,12 @@
 //! that tells the caller what to fix. Handlers return `Result<_, ApiError>`;
 //! this is the only place errors become responses.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::http::StatusCode;
+use axum::http::header::RETRY_AFTER;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use crate::protocol::{ErrorBody, ErrorCode, OpError};
@@ -15,6 +18,9 @@ use crate::storage::StoreError;
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
+    /// When trying again makes sense: sent as `Retry-After` (whole
+    /// seconds, rounded up) and as `retry_after_ms` in the body.
+    pub retry_after: Option<Duration>,
 }
 
 impl ApiError {
@@ -22,7 +28,14 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            retry_after: None,
         }
+    }
+
+    /// The same error, telling the client to wait `wait` before retrying.
+    pub fn retry_after(mut self, wait: Duration) -> Self {
+        self.retry_after = Some(wait);
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -63,9 +76,24 @@ impl IntoResponse for ApiError {
         let body = ErrorBody {
             code: self.code,
             message: self.message,
+            retry_after_ms: self
+                .retry_after
+                .map(|wait| u64::try_from(wait.as_millis()).unwrap_or(u64::MAX)),
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(wait) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(whole_seconds(wait)));
+        }
+        response
     }
+}
+
+/// A wait in whole seconds, rounded up (as `Retry-After` says it), so that
+/// a client waiting that long never comes back too early.
+pub fn whole_seconds(wait: Duration) -> u64 {
+    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
 }
 
 impl From<OpError> for ApiError {

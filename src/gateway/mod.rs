@@ -6,14 +6,20 @@
 //! store and to `workspace`; errors are [`error::ApiError`], which alone
 //! decides status codes. Who is calling is [`auth`]; what they may do is
 //! [`access`] (and each op's own metadata, over WebSocket); the WebSocket
-//! door is [`ws`], an open socket `socket`.
+//! door is [`ws`], an open socket `socket`. The listener that accepts
+//! connections and bounds them is [`serve`]; what limits count a client by
+//! is [`peer`]; logins are bounded by [`hashing`] and [`throttle`].
 
 pub mod access;
 pub mod api;
 pub mod auth;
 pub mod error;
+pub mod hashing;
 pub mod ops;
+pub mod peer;
+pub mod serve;
 mod socket;
+pub mod throttle;
 pub mod ws;
 
 use std::sync::Arc;
@@ -51,6 +57,10 @@ pub struct AppState {
     /// Every socket task (and its session's removal): the drain waits for
     /// them to have said `reconnect` before it stops their workspaces.
     pub sockets: TaskGroup,
+    /// The node's password hashing threads and their bounded queue.
+    pub hashing: Arc<hashing::PasswordHashing>,
+    /// Failed logins per username and per client address.
+    pub logins: Arc<throttle::LoginThrottle>,
 }
 
 /// The whole HTTP API.

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     TooLarge,
     /// The operation is not supported (yet) by this server.
     Unsupported,
+    /// Too many attempts (failed logins) from this client or for this
+    /// account; wait as long as the error says, then retry.
+    RateLimited,
     /// The service cannot serve this now (database down, draining, lost
     /// ownership); retry or reconnect.
     Unavailable,
@@ -48,6 +51,7 @@ impl ErrorCode {
             ErrorCode::Locked => "locked",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unsupported => "unsupported",
+            ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -64,6 +68,7 @@ impl ErrorCode {
             ErrorCode::Locked => 423,
             ErrorCode::TooLarge => 413,
             ErrorCode::Unsupported => 501,
+            ErrorCode::RateLimited => 429,
             ErrorCode::Unavailable => 503,
             ErrorCode::Internal => 500,
         }
@@ -76,6 +81,10 @@ impl ErrorCode {
 pub struct ErrorBody {
     pub code: ErrorCode,
     pub message: String,
+    /// For `rate_limited`, and `unavailable` when the server knows: how
+    /// long to wait before trying again (also the `Retry-After` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// A failed op: a code from the closed set, a message saying what to fix,

@@ -40,8 +40,35 @@ impl Served {
 
     /// Starts with extra environment variables.
     pub fn start_with(dir: &Path, envs: &[(&str, &str)]) -> Served {
-        let mut child = branchd(dir)
-            .envs(envs.iter().copied())
+        Self::spawn(branchd(dir).envs(envs.iter().copied()))
+    }
+
+    /// Starts with extra environment variables and at most `nofile` open
+    /// files (soft and hard `RLIMIT_NOFILE`, so the server cannot raise it).
+    pub fn start_with_open_file_limit(dir: &Path, envs: &[(&str, &str)], nofile: u64) -> Served {
+        use std::os::unix::process::CommandExt;
+        let mut command = branchd(dir);
+        command.envs(envs.iter().copied());
+        let limit = libc::rlimit {
+            rlim_cur: nofile,
+            rlim_max: nofile,
+        };
+        // SAFETY: between fork and exec the closure only calls setrlimit,
+        // which is async-signal-safe, on a value it owns.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        Self::spawn(&mut command)
+    }
+
+    fn spawn(command: &mut Command) -> Served {
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .spawn()
@@ -80,24 +107,27 @@ impl Served {
         })
     }
 
-    /// The most memory the process has had resident so far (its VmHWM),
-    /// in bytes.
-    pub fn peak_memory(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("the process's status");
-        let kib = status
+    /// A memory figure of the process from /proc (`VmRSS`, `VmHWM`: the
+    /// most it has had resident so far), in KiB.
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let pid = self.child.id();
+        let status =
+            std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+        status
             .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| {
-                value
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .expect("VmHWM in /proc/<pid>/status");
-        kib * 1024
+            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|rest| rest.trim().trim_end_matches(" kB").parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    }
+
+    /// The most memory the process has had resident so far, in bytes.
+    pub fn peak_memory(&self) -> u64 {
+        self.memory_kib("VmHWM") * 1024
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends a signal (SIGSTOP, SIGCONT, ...) without waiting.
