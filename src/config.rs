@@ -50,7 +50,8 @@ pub struct DatabaseConfig {
     /// Directory for the embedded database and, by default, working copies.
     #[arg(long, env = "BRANCHD_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
-    /// Most database connections this node opens.
+    /// Most database connections this node opens for its work (`serve`
+    /// opens one more, of its own, for its heartbeat).
     #[arg(long, env = "BRANCHD_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
 }
