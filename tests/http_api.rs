@@ -798,35 +798,10 @@ mod connections {
 
     const PASSWORD: &str = "a-password-for-tests";
 
-    /// A `branchd serve` process that is killed if the test fails before
-    /// it stops it (no orphan outlives a failed test).
-    struct Running(Option<Served>);
-
-    impl Running {
-        fn served(&self) -> &Served {
-            self.0.as_ref().expect("running")
-        }
-
-        /// SIGTERM, and a clean exit.
-        fn terminate(mut self) {
-            if let Some(served) = self.0.take() {
-                served.terminate();
-            }
-        }
-    }
-
-    impl Drop for Running {
-        fn drop(&mut self) {
-            if let Some(served) = self.0.take() {
-                served.kill();
-            }
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn two_hundred_wrong_logins_at_once_cost_a_bounded_amount_of_memory() {
         let dir = tempfile::tempdir().expect("dir");
-        let running = Running(Some(Served::start_with(
+        let served = Served::start_with(
             dir.path(),
             &[
                 ("BRANCHD_ADMIN_PASSWORD", PASSWORD),
@@ -834,8 +809,7 @@ mod connections {
                 ("BRANCHD_LOGIN_FAILURES_PER_USER", "0"),
                 ("BRANCHD_LOGIN_FAILURES_PER_ADDRESS", "0"),
             ],
-        )));
-        let served = running.served();
+        );
         let http = reqwest::Client::new();
         login(&http, &served.base, "admin", PASSWORD).await;
         let before = served.memory_kib("VmRSS");
@@ -864,7 +838,7 @@ mod connections {
         // The queue's worth was checked; the rest was refused at once.
         assert!(statuses.contains_key(&503), "{statuses:?}");
         login(&http, &served.base, "admin", PASSWORD).await;
-        running.terminate();
+        served.terminate();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -875,7 +849,7 @@ mod connections {
         const BUDGET: usize = 256;
         const FLOOD: usize = 600;
         let dir = tempfile::tempdir().expect("dir");
-        let running = Running(Some(Served::start_with_open_file_limit(
+        let served = Served::start_with_open_file_limit(
             dir.path(),
             &[
                 ("BRANCHD_ADMIN_PASSWORD", PASSWORD),
@@ -885,8 +859,7 @@ mod connections {
                 ("BRANCHD_HEADER_READ_TIMEOUT", "5m"),
             ],
             NOFILE,
-        )));
-        let served = running.served();
+        );
         let http = reqwest::Client::new();
         let token = login(&http, &served.base, "admin", PASSWORD).await;
         let project = create_project(&http, &served.base, &token, "Flooded").await;
@@ -972,7 +945,7 @@ mod connections {
         assert!(another > project);
         client.ping().await.expect("the WebSocket lived through it");
         client.close().await;
-        running.terminate();
+        served.terminate();
     }
 }
 

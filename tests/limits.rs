@@ -293,3 +293,86 @@ async fn joining_one_branch_costs_each_socket_a_few_entries_per_join() {
     }
     server.stop().await;
 }
+
+/// Issue 17, item 2, through a real process: a script that hoards 2,000
+/// strings of 1 MiB (2 GB before; 8,000 aborted the node) stops at
+/// `BRANCHD_COMPILE_MAX_MEMORY` with a `limit` diagnostic, the node's peak
+/// stays near the limit, and a large compile within it gives its memory
+/// back when it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_holds_at_most_its_memory_limit_and_gives_it_back() {
+    let (_dir, served, token, project) = served(&[
+        ("BRANCHD_COMPILE_MAX_MEMORY", "64MiB"),
+        ("BRANCHD_COMPILE_MAX_STRING", "2MiB"),
+        ("BRANCHD_COMPILE_MAX_MAP", "100000"),
+    ])
+    .await;
+    let client = Client::connect(&served.base, &token, project, "main")
+        .await
+        .expect("connect");
+    let hoard = |count: u32| {
+        format!(
+            "let s = \"x\";\nwhile s.len < 1048576 {{ s += s; }}\nlet m = #{{}};\n\
+             for i in 0..{count} {{ m[`k${{i}}`] = s + i; }}\ncube(1, 1, 1)\n"
+        )
+    };
+    for (path, count) in [("hoard.rhai", 2000), ("fits.rhai", 40)] {
+        client
+            .request(Op::WriteFile {
+                path: path.into(),
+                content: hoard(count).into_bytes(),
+                base_version: None,
+                force: false,
+            })
+            .await
+            .expect("write");
+    }
+    let resident = || served.memory_kib("VmRSS") << 10;
+    let before = served.peak_memory();
+    let compiled = client
+        .request(Op::Compile {
+            entry: "hoard.rhai".into(),
+        })
+        .await
+        .expect("compile");
+    let branchd::protocol::Reply::Compiled {
+        ok, diagnostics, ..
+    } = compiled
+    else {
+        panic!("{compiled:?}");
+    };
+    assert!(!ok, "the hoard is stopped");
+    assert!(
+        diagnostics
+            .iter()
+            .any(|d| d.message.contains("BRANCHD_COMPILE_MAX_MEMORY")),
+        "{diagnostics:?}"
+    );
+    let grown = served.peak_memory().saturating_sub(before);
+    assert!(
+        grown < 160 << 20,
+        "the node grew by {} MiB under a 64 MiB compile limit",
+        grown >> 20
+    );
+
+    let base = resident();
+    let compiled = client
+        .request(Op::Compile {
+            entry: "fits.rhai".into(),
+        })
+        .await
+        .expect("compile");
+    assert!(
+        matches!(
+            compiled,
+            branchd::protocol::Reply::Compiled { ok: true, .. }
+        ),
+        "{compiled:?}"
+    );
+    common::eventually("the compile's memory is given back", || async {
+        resident() < base + (16 << 20)
+    })
+    .await;
+    client.close().await;
+    served.terminate();
+}

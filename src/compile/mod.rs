@@ -156,7 +156,7 @@ const OVERRUN: Duration = Duration::from_secs(2);
 
 /// A compile that held more than this gives the free memory back to the
 /// system when it ends.
-const GIVE_BACK_AFTER: u64 = 64 << 20;
+const GIVE_BACK_AFTER: u64 = 16 << 20;
 
 /// The stack of a compile thread. Evaluating scripts is recursive (calls,
 /// nested expressions, nested imports); with this much stack the script

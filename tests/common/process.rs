@@ -194,6 +194,17 @@ impl Served {
     }
 }
 
+/// A process a test did not stop (it failed first) is killed, so that no
+/// orphan outlives its test and its data dir.
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub async fn login(http: &reqwest::Client, base: &str, username: &str, password: &str) -> String {
     let response = http
         .post(format!("{base}/api/auth/login"))
