@@ -369,10 +369,7 @@ pub fn commit_growth(dir: &Path, paths: Option<&[WorkPath]>) -> Result<u64, OpEr
         .iter()
         .filter(|change| change.status != "deleted" && named(&change.path))
         .map(|change| {
-            let size = std::fs::symlink_metadata(dir.join(&change.path))
-                .ok()
-                .filter(|meta| meta.is_file())
-                .map_or(0, |meta| meta.len());
+            let size = super::files::file_size(&dir.join(&change.path));
             size + size / 100 + PER_CHANGE
         })
         .sum::<u64>();
